@@ -1,0 +1,143 @@
+"""Tower latency: PyTorch eager vs the SDK's in-process onnxruntime path, side by side.
+
+Builds a ViT-B/32-shaped CLIP from ``CLIPConfig()`` defaults with random
+weights (latency does not depend on the weights), exports its towers, and
+times, interleaved in one run and on the same threads:
+
+- PyTorch eager: the tower module under ``torch.no_grad()`` on ready tensors;
+- SDK graph: onnxruntime on the same ready tensors (the graph alone);
+- SDK call: ``Local.encode_images`` / ``encode_texts`` from 224x224 uint8
+  images / strings, so preprocessing and tokenisation are included.
+
+    python benchmarks/bench_towers.py [--threads 2] [--repeats 20] [--json OUT]
+
+Prints medians and p90s in ms and the ratio eager / SDK (higher = SDK faster).
+Target: the SDK call at least 1.5x faster than eager for the image tower at batch 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+import clipmatch
+from clipmatch_export.exporter import ExportOptions, export_model
+from clipmatch_export.tokenizer_build import default_corpus, train_clip_tokenizer
+from clipmatch_export.towers import ImageTower, TextTower
+
+CAPTIONS = [
+    "a red cube to the left of a small blue ball",
+    "two green cones and no yellow cylinder",
+    "the kestrel valve next to a striped box",
+    "a big purple sphere above a tiny orange cube on a grey table",
+    "a photo of a dog",
+    "three white squares without a black circle",
+    "a blue cylinder below a red cone",
+    "an orange ball right of a green cube and a small pink star",
+]
+
+
+def build_vit_b32(root: Path, seed: int = 0) -> Path:
+    model_dir = root / "vit-b32"
+    train_clip_tokenizer(default_corpus(), model_dir)
+    config = CLIPConfig()  # ViT-B/32: 768-wide 12-layer vision, 512-wide 12-layer text, 512-d joint space
+    config.text_config.bos_token_id, config.text_config.eos_token_id, config.text_config.pad_token_id = 0, 1, 1
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(str(model_dir))
+    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        str(model_dir))
+    return model_dir
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory(prefix="clipmatch-bench-") as tmp:
+        t0 = time.perf_counter()
+        model_dir = build_vit_b32(Path(tmp))
+        result = export_model(model_dir, Path(tmp) / "export", ExportOptions(towers_only=True, fp16=False))
+        print(f"ViT-B/32-shaped CLIP built and exported in {time.perf_counter() - t0:.0f} s; parity max|diff| "
+              f"image {result.report.worst('image_tower', 'fp32'):.1e}, "
+              f"text {result.report.worst('text_tower', 'fp32'):.1e}")
+
+        clip = CLIPModel.from_pretrained(str(model_dir)).eval()
+        image_tower, text_tower = ImageTower(clip).eval(), TextTower(clip).eval()
+        sdk = clipmatch.Local(result.out_dir, intra_op_threads=args.threads)
+        rng = np.random.default_rng(0)
+        rows = []
+        for batch in (1, 8):
+            images = [rng.integers(0, 256, (224, 224, 3), dtype=np.uint8) for _ in range(batch)]
+            texts = CAPTIONS[:batch]
+            pixels = np.stack([np.zeros((3, 224, 224), np.float32)] * batch)
+            pixels[:] = rng.standard_normal(pixels.shape)
+            tokens = sdk.files.tokenizer(texts)
+            ids, mask = tokens.input_ids, tokens.attention_mask
+            cases = {
+                "image": {
+                    "pytorch eager": lambda: image_tower(torch.from_numpy(pixels)),
+                    "sdk graph": lambda: sdk.executor.run("image_tower", {"pixel_values": pixels}),
+                    "sdk call": lambda: sdk.encode_images(images),
+                },
+                "text": {
+                    "pytorch eager": lambda: text_tower(torch.from_numpy(ids), torch.from_numpy(mask)),
+                    "sdk graph": lambda: sdk.executor.run("text_tower", {"input_ids": ids, "attention_mask": mask}),
+                    "sdk call": lambda: sdk.encode_texts(texts),
+                },
+            }
+            with torch.no_grad():
+                for tower, fns in cases.items():
+                    for _ in range(args.warmup):
+                        for fn in fns.values():
+                            fn()
+                    times = {name: [] for name in fns}
+                    order = list(fns.items())
+                    for i in range(args.repeats):
+                        # Interleaved, so drift hits every path alike, and rotated, because
+                        # torch's OpenMP threads spin on after a call and slow whatever runs next.
+                        for name, fn in order[i % 3:] + order[:i % 3]:
+                            times[name].append(timed(fn))
+                    med = {n: statistics.median(t) for n, t in times.items()}
+                    p90 = {n: float(np.percentile(t, 90)) for n, t in times.items()}
+                    rows.append({"tower": tower, "batch": batch, "median_ms": med, "p90_ms": p90,
+                                 "eager_over_sdk_call": med["pytorch eager"] / med["sdk call"],
+                                 "eager_over_sdk_graph": med["pytorch eager"] / med["sdk graph"]})
+
+    print(f"\n{platform.processor() or platform.machine()}, {args.threads} threads, median (p90) of "
+          f"{args.repeats}, ms; text batch = captions of {int(mask.sum(1).max())} tokens at most")
+    print("| tower | batch | PyTorch eager | SDK graph | SDK call | eager / SDK call | eager / SDK graph |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        m, p = r["median_ms"], r["p90_ms"]
+        cell = lambda n: f"{m[n]:.1f} ({p[n]:.1f})"
+        print(f"| {r['tower']} | {r['batch']} | {cell('pytorch eager')} | {cell('sdk graph')} | "
+              f"{cell('sdk call')} | {r['eager_over_sdk_call']:.2f}x | {r['eager_over_sdk_graph']:.2f}x |")
+    target = next(r for r in rows if r["tower"] == "image" and r["batch"] == 1)["eager_over_sdk_call"]
+    print(f"\ntarget: SDK call >= 1.5x faster than eager, image tower, batch 1: {target:.2f}x -> "
+          f"{'met' if target >= 1.5 else 'MISSED'}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"threads": args.threads, "repeats": args.repeats, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

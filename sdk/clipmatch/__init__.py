@@ -1,0 +1,38 @@
+"""clipmatch: image-text matching with CLIP towers and entity-aware / compositional rescoring.
+
+    >>> import clipmatch
+    >>> m = clipmatch.Local("exports/tiny")  # doctest: +SKIP
+    >>> r = m.rescore("a red cube left of a blue ball", ["a.png", "b.png"])  # doctest: +SKIP
+
+Importing clipmatch never imports torch.
+"""
+from .config import RuntimeConfig
+from .errors import (BackendError, ClipmatchError, DependencyError, ExportError, ImageError,
+                     IncompatibleModelError, InputError, ModelError, ModelNotFoundError, ParityError,
+                     ShapeError, TextError)
+from .local import Local
+from .matcher import Matcher
+from .results import ImageEncoding, RescoreResult, TextEncoding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "ClipmatchError",
+    "DependencyError",
+    "ExportError",
+    "ImageEncoding",
+    "ImageError",
+    "IncompatibleModelError",
+    "InputError",
+    "Local",
+    "Matcher",
+    "ModelError",
+    "ModelNotFoundError",
+    "ParityError",
+    "RescoreResult",
+    "RuntimeConfig",
+    "ShapeError",
+    "TextEncoding",
+    "__version__",
+]

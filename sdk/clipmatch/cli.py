@@ -1,0 +1,163 @@
+"""The ``clipmatch`` command.
+
+    clipmatch demo                      build a tiny model, export it, score, print ranking and latency
+    clipmatch tiny OUT_DIR              write a tiny random CLIP checkpoint (Hugging Face format)
+    clipmatch init-heads MODEL_DIR      attach freshly initialised rescoring heads to a checkpoint
+    clipmatch export MODEL_DIR OUT_DIR  ONNX graphs (+ fp16, + TensorRT engines) with a parity gate
+    clipmatch rank EXPORT_DIR -q TEXT IMAGE...   rank images for a query with every head
+
+Commands that need PyTorch say so when it is missing (pip install 'clipmatch[export]').
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import ClipmatchError, DependencyError
+
+
+def _export_package():
+    try:
+        import clipmatch_export
+    except ImportError as exc:
+        raise DependencyError(
+            f"this command needs the PyTorch side: pip install 'clipmatch[export]' ({exc})"
+        ) from exc
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor loading bars drown a command's own output
+    return clipmatch_export
+
+
+def cmd_tiny(args) -> int:
+    _export_package()
+    from clipmatch_export.tiny import build_tiny_clip
+
+    print(build_tiny_clip(args.out_dir, seed=args.seed))
+    return 0
+
+
+def cmd_init_heads(args) -> int:
+    _export_package()
+    from clipmatch_export.tiny import add_random_heads
+    from .manifest import HEADS_MANIFEST
+
+    if (Path(args.model_dir) / HEADS_MANIFEST).exists() and not args.force:
+        print(f"clipmatch: {args.model_dir} already has heads; --force replaces them", file=sys.stderr)
+        return 2
+    overrides = {k: v for k, v in (("num_experts", args.num_experts),
+                                   ("dcsm_text_length", args.dcsm_text_length)) if v is not None}
+    manifest = add_random_heads(args.model_dir, seed=args.seed, **overrides)
+    print(json.dumps(manifest.config.to_dict()))
+    return 0
+
+
+def cmd_export(args) -> int:
+    _export_package()
+    from clipmatch_export.exporter import ExportOptions, export_model
+
+    options = ExportOptions(opset=args.opset, fp16=not args.no_fp16, towers_only=args.towers_only, seed=args.seed)
+    result = export_model(args.model_dir, args.out_dir, options)
+    for name in result.manifest.components:
+        line = f"{name:13s} fp32 max|diff| {result.report.worst(name, 'fp32'):.2e}"
+        if options.fp16:
+            line += f"   fp16 max|diff| {result.report.worst(name, 'fp16'):.2e}"
+        print(line)
+    if args.tensorrt:
+        from clipmatch_export.tensorrt_build import build_for_export
+
+        for name, path in build_for_export(result.out_dir, max_batch=args.trt_max_batch,
+                                           opt_batch=args.trt_opt_batch).items():
+            print(f"{name:13s} TensorRT engine {path}")
+    print(f"exported to {result.out_dir}")
+    return 0
+
+
+def cmd_rank(args) -> int:
+    from .local import Local
+
+    matcher = Local(args.export_dir)
+    result = matcher.rescore(args.query, args.images, explanation=args.explanation)
+    rows = []
+    for rank, i in enumerate(result.order(args.by), 1):
+        row = {"rank": rank, "image": args.images[i], "cosine": float(result.cosine[i])}
+        for name in ("match_prob", "entity_score", "dcsm"):
+            scores = getattr(result, name)
+            if scores is not None:
+                row[name] = float(scores[i])
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"query": args.query, "truncated": result.truncated, "results": rows}, indent=2))
+    else:
+        from .demo import format_table
+
+        print(format_table(rows))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(workdir=args.workdir, repeats=args.repeats)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="clipmatch", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("demo", help="tiny model end to end: export, load, score, ranking and latency")
+    s.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temporary folder)")
+    s.add_argument("--repeats", type=int, default=20, help="timed repeats per latency figure")
+    s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("tiny", help="write a tiny random CLIP checkpoint")
+    s.add_argument("out_dir", type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_tiny)
+
+    s = sub.add_parser("init-heads", help="attach freshly initialised (untrained) heads to a checkpoint")
+    s.add_argument("model_dir", type=Path)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-experts", type=int, default=None)
+    s.add_argument("--dcsm-text-length", type=int, default=None)
+    s.add_argument("--force", action="store_true")
+    s.set_defaults(func=cmd_init_heads)
+
+    s = sub.add_parser("export", help="export a checkpoint to checked ONNX graphs (and TensorRT engines)")
+    s.add_argument("model_dir", type=Path)
+    s.add_argument("out_dir", type=Path)
+    s.add_argument("--towers-only", action="store_true", help="export without the rescoring heads")
+    s.add_argument("--no-fp16", action="store_true", help="skip the fp16 graphs")
+    s.add_argument("--opset", type=int, default=17)
+    s.add_argument("--seed", type=int, default=0, help="seed of the parity inputs")
+    s.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs tensorrt + GPU)")
+    s.add_argument("--trt-max-batch", type=int, default=64)
+    s.add_argument("--trt-opt-batch", type=int, default=8)
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("rank", help="rank images for a query with cosine and every head")
+    s.add_argument("export_dir", type=Path)
+    s.add_argument("images", nargs="+")
+    s.add_argument("-q", "--query", required=True)
+    s.add_argument("--explanation", default=None, help="what the query names looks like")
+    s.add_argument("--by", default="cosine", choices=["cosine", "match_prob", "entity_score", "dcsm"])
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_rank)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ClipmatchError as exc:
+        print(f"clipmatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Every error clipmatch raises on purpose.
+
+    ClipmatchError
+    ├── ModelError                 a model folder or export cannot be used
+    │   ├── ModelNotFoundError     the folder or a file it needs is missing
+    │   └── IncompatibleModelError the files are there but are not what clipmatch serves
+    ├── InputError (ValueError)    a caller's input is unusable; names the item
+    │   ├── ImageError             one image: unreadable, too small, NaN, bad shape
+    │   ├── TextError              one text: empty, not a string
+    │   └── ShapeError             arrays or batches that do not fit together
+    ├── ExportError                exporting a model failed
+    │   └── ParityError            an exported graph disagrees with its PyTorch source
+    ├── BackendError               the runtime underneath (onnxruntime, ...) failed
+    └── DependencyError (ImportError)  an optional dependency is missing
+
+Errors from libraries underneath are translated where they are caught, with
+the original kept as ``__cause__``.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "ClipmatchError",
+    "ModelError",
+    "ModelNotFoundError",
+    "IncompatibleModelError",
+    "InputError",
+    "ImageError",
+    "TextError",
+    "ShapeError",
+    "ExportError",
+    "ParityError",
+    "BackendError",
+    "DependencyError",
+]
+
+
+class ClipmatchError(Exception):
+    """Base of every clipmatch error."""
+
+
+class ModelError(ClipmatchError):
+    """A model folder or export cannot be used."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """The model folder, or a file it must hold, does not exist."""
+
+
+class IncompatibleModelError(ModelError):
+    """The files exist but describe something clipmatch cannot serve."""
+
+
+class InputError(ClipmatchError, ValueError):
+    """An input given by the caller cannot be used.
+
+    ``index`` is the position of the offending item in the caller's sequence,
+    or None when the problem is with the call as a whole.
+    """
+
+    def __init__(self, message: str, *, index: int | None = None):
+        self.index = index
+        super().__init__(message if index is None else f"item {index}: {message}")
+
+
+class ImageError(InputError):
+    """One image cannot be used (unreadable, too small, NaN, wrong layout)."""
+
+
+class TextError(InputError):
+    """One text cannot be used (empty, not a string)."""
+
+
+class ShapeError(InputError):
+    """Arrays or batches whose sizes do not fit together."""
+
+
+class ExportError(ClipmatchError):
+    """Exporting a model failed."""
+
+
+class ParityError(ExportError):
+    """An exported graph's outputs differ from its PyTorch source beyond tolerance."""
+
+
+class BackendError(ClipmatchError):
+    """The runtime underneath (onnxruntime, a server) failed on a valid request."""
+
+
+class DependencyError(ClipmatchError, ImportError):
+    """An optional dependency needed for this call is not installed."""

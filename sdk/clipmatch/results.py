@@ -1,0 +1,105 @@
+"""What the runtime returns. Shapes: N images or texts, P image tokens, T text positions, D joint dims, K candidates."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import ShapeError
+
+__all__ = ["ImageEncoding", "TextEncoding", "RescoreResult"]
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    """embeds: (N, D) L2-normalised pooled embeddings, for cosine retrieval.
+    tokens: (N, P, D) L2-normalised CLS + patch tokens, for rescoring (worth caching).
+    """
+
+    embeds: np.ndarray
+    tokens: np.ndarray
+
+    def __post_init__(self) -> None:
+        e, t = np.asarray(self.embeds), np.asarray(self.tokens)
+        if e.ndim != 2 or t.ndim != 3:
+            raise ShapeError(f"ImageEncoding needs embeds (N, D) and tokens (N, P, D), got {e.shape} and {t.shape}")
+        if e.shape[0] != t.shape[0] or e.shape[1] != t.shape[2]:
+            raise ShapeError(f"ImageEncoding embeds {e.shape} and tokens {t.shape} do not fit together "
+                             "(N and D must agree)")
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def __getitem__(self, index) -> "ImageEncoding":
+        index = [index] if isinstance(index, (int, np.integer)) else index
+        return ImageEncoding(self.embeds[index], self.tokens[index])
+
+
+@dataclass(frozen=True)
+class TextEncoding:
+    """embeds: (N, D) L2-normalised pooled embeddings (each text's EOT).
+    tokens: (N, T, D) L2-normalised per-position embeddings, zeros at padding.
+    mask: (N, T) int64, 1 at real tokens.
+    functional_ids: (N, T) int64, j + 1 where a token belongs to functional word j.
+    truncated: (N,) bool, True where a text was cut to the context length.
+    """
+
+    texts: tuple[str, ...]
+    embeds: np.ndarray
+    tokens: np.ndarray
+    mask: np.ndarray
+    functional_ids: np.ndarray
+    truncated: np.ndarray
+
+    def __post_init__(self) -> None:
+        n, t = self.tokens.shape[:2] if self.tokens.ndim == 3 else (None, None)
+        shapes = {"embeds": self.embeds.shape, "tokens": self.tokens.shape, "mask": self.mask.shape,
+                  "functional_ids": self.functional_ids.shape, "truncated": self.truncated.shape}
+        ok = (n is not None and len(self.texts) == n and self.embeds.shape == (n, self.tokens.shape[2])
+              and self.mask.shape == (n, t) and self.functional_ids.shape == (n, t) and self.truncated.shape == (n,))
+        if not ok:
+            raise ShapeError(f"TextEncoding of {len(self.texts)} texts has inconsistent shapes {shapes}")
+
+    def __len__(self) -> int:
+        return int(self.embeds.shape[0])
+
+    def row(self, i: int) -> "TextEncoding":
+        """Text i alone, cut to its own length."""
+        n = int(self.mask[i].sum())
+        return TextEncoding((self.texts[i],), self.embeds[i:i + 1], self.tokens[i:i + 1, :n],
+                            self.mask[i:i + 1, :n], self.functional_ids[i:i + 1, :n], self.truncated[i:i + 1])
+
+
+@dataclass(frozen=True)
+class RescoreResult:
+    """Scores of one query against K candidates, each head reported separately.
+
+    cosine: (K,) pooled cosine similarity.
+    match_prob: (K,) GI-ITM match probability, None when the entity heads were not run.
+    entity_score: (K,) cosine of MMAE's gated features V* and T*, likewise.
+    dcsm: (K,) DCSM logit (unbounded, higher is better), None when DCSM was not run.
+    explained: the entity heads saw a real explanation; False means the query
+        stood in for its own explanation.
+    truncated: the query was longer than the text context and was cut.
+    dcsm_truncated: the query was longer than DCSM's fixed text length; the map
+        saw only its first dcsm_text_length tokens.
+    """
+
+    cosine: np.ndarray
+    match_prob: np.ndarray | None = None
+    entity_score: np.ndarray | None = None
+    dcsm: np.ndarray | None = None
+    explained: bool = False
+    truncated: bool = False
+    dcsm_truncated: bool = False
+
+    def order(self, by: str = "cosine") -> np.ndarray:
+        """Candidate indices, best first, by one score.
+
+        >>> RescoreResult(cosine=np.array([0.1, 0.9, 0.5])).order().tolist()
+        [1, 2, 0]
+        """
+        scores = getattr(self, by)
+        if scores is None:
+            raise ValueError(f"no {by!r} scores in this result (that head was not run)")
+        return np.argsort(-scores, kind="stable")

@@ -1,0 +1,139 @@
+"""Behaviour of the PyTorch heads and towers: the reference quirks are fixed."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from clipmatch.manifest import HeadsConfig  # noqa: E402
+from clipmatch_export.dcsm import DenseCosineScorer  # noqa: E402
+from clipmatch_export.heads import build_heads  # noqa: E402
+from clipmatch_export.mmae import EntityHeads, MultimodalExperts  # noqa: E402
+
+CFG = HeadsConfig(embed_dim=16, num_image_tokens=5, num_experts=2, dcsm_text_length=6)
+
+
+def unit(*shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g)
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+def masks(lengths, width):
+    return (torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]).long()
+
+
+def dcsm_batch(n=4, seed=0):
+    mask = masks([6, 4, 2, 5][:n], 6)
+    functional = torch.zeros(n, 6, dtype=torch.long)
+    functional[0, 2] = 1  # "above" at position 2
+    functional[1, 1] = 7  # "not"
+    return unit(n, 5, 16, seed=seed), unit(n, 6, 16, seed=seed + 1) * mask[..., None], mask, functional
+
+
+def test_dcsm_score_does_not_depend_on_batch_neighbours():
+    scorer = build_heads(CFG, seed=1).dcsm
+    img, txt, mask, func = dcsm_batch()
+    with torch.no_grad():
+        together = scorer(img, txt, mask, func)
+        alone = torch.stack([scorer(img[i:i + 1], txt[i:i + 1], mask[i:i + 1], func[i:i + 1])[0] for i in range(4)])
+        # Replace every neighbour of row 0 with something else: row 0's score must not move.
+        img2, txt2, mask2, func2 = dcsm_batch(seed=10)
+        img2[0], txt2[0], mask2[0], func2[0] = img[0], txt[0], mask[0], func[0]
+        other = scorer(img2, txt2, mask2, func2)
+    torch.testing.assert_close(together, alone, atol=1e-6, rtol=0)
+    assert abs(other[0] - together[0]) < 1e-6
+
+
+def test_dcsm_functional_columns_are_learned_and_placed_at_the_word():
+    scorer = DenseCosineScorer(CFG)
+    img, txt, mask, func = dcsm_batch()
+    dense = scorer.dense_map(img, txt, mask, func)
+    # Column 2 of row 0 is functional word 0's learned vector, column 1 of row 1 is word 6's.
+    torch.testing.assert_close(dense[0, :, 2], scorer.functional_columns[0])
+    torch.testing.assert_close(dense[1, :, 1], scorer.functional_columns[6])
+    # Padding columns are zeros; real ordinary cells are z-scored per map.
+    assert torch.all(dense[2, :, 2:] == 0)
+    cells = dense[3, :, :5].detach()
+    assert abs(float(cells.mean())) < 1e-5 and abs(float(cells.std(unbiased=False)) - 1) < 1e-3
+    # The table gets gradient, so an optimiser trains it (the reference never did).
+    scorer(img, txt, mask, func).sum().backward()
+    grad = scorer.functional_columns.grad
+    assert grad is not None and grad[0].abs().sum() > 0 and grad[6].abs().sum() > 0
+    assert grad[1].abs().sum() == 0  # word 1 appears nowhere in the batch
+
+
+def test_dcsm_parameter_count_matches_reference_at_reference_sizes():
+    scorer = DenseCosineScorer(HeadsConfig(embed_dim=512, num_image_tokens=197, dcsm_text_length=30))
+    n = sum(p.numel() for p in scorer.parameters())
+    assert 3.0e6 < n < 3.1e6, n  # "about 3M parameters at P=197, L=30"
+
+
+def entity_batch(n=3, t=7, e=5, seed=0):
+    text_mask = masks([7, 4, 3][:n], t)
+    expl_mask = masks([5, 2, 4][:n], e)
+    return (unit(n, 5, 16, seed=seed), unit(n, t, 16, seed=seed + 1) * text_mask[..., None], text_mask,
+            unit(n, e, 16, seed=seed + 2) * expl_mask[..., None], expl_mask)
+
+
+def test_expert_outputs_ignore_padding_content():
+    heads = build_heads(CFG, seed=2).entity
+    img, txt, tm, exp, em = entity_batch()
+    noisy_txt, noisy_exp = txt.clone(), exp.clone()
+    noisy_txt[tm == 0] = 5.0  # garbage where the masks say padding
+    noisy_exp[em == 0] = -3.0
+    with torch.no_grad():
+        a = heads(img, txt, tm, exp, em)
+        b = heads(img, noisy_txt, tm, noisy_exp, em)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+
+
+def test_text_experts_read_each_texts_own_eot():
+    experts = MultimodalExperts(CFG).eval()
+    img, txt, tm, exp, em = entity_batch()
+    with torch.no_grad():
+        out = experts(img, txt, tm, exp, em)
+    for i, n in enumerate(tm.sum(1).tolist()):
+        torch.testing.assert_close(out.text_cls[i], txt[i, n - 1])
+    assert out.image_experts.shape == (3, 4, 16) and out.text_experts.shape == (3, 4, 16)
+    torch.testing.assert_close(out.image_star.norm(dim=-1), torch.ones(3))
+
+
+def test_explanation_changes_entity_scores_and_rows_are_independent():
+    heads = EntityHeads(CFG).eval()
+    img, txt, tm, exp, em = entity_batch()
+    exp2, em2 = entity_batch(seed=20)[3:]
+    with torch.no_grad():
+        p1, s1 = heads(img, txt, tm, exp, em)
+        p2, s2 = heads(img, txt, tm, exp2, em2)
+        p_alone, _ = heads(img[:1], txt[:1], tm[:1], exp[:1], em[:1])
+    assert not torch.allclose(p1, p2) and not torch.allclose(s1, s2)
+    assert torch.all((p1 > 0) & (p1 < 1))
+    torch.testing.assert_close(p_alone, p1[:1], atol=1e-6, rtol=0)
+
+
+def test_towers_pool_the_token_they_return(tiny_model_dir):
+    from transformers import CLIPModel
+
+    from clipmatch_export.towers import ImageTower, TextTower
+
+    clip = CLIPModel.from_pretrained(str(tiny_model_dir)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    ids = torch.tensor([[0, 5, 6, 7, 1], [0, 9, 1, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        img_embeds, img_tokens = ImageTower(clip)(pixels)
+        txt_embeds, txt_tokens = TextTower(clip)(ids, mask)
+        # The same vectors transformers' CLIP gives, normalised.
+        hf_img = clip.get_image_features(pixel_values=pixels)
+        hf_txt = clip.get_text_features(input_ids=ids, attention_mask=mask)
+    hf_img = getattr(hf_img, "pooler_output", hf_img)
+    hf_txt = getattr(hf_txt, "pooler_output", hf_txt)
+    torch.testing.assert_close(img_embeds, torch.nn.functional.normalize(hf_img, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(txt_embeds, torch.nn.functional.normalize(hf_txt, dim=-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(img_embeds, img_tokens[:, 0])
+    torch.testing.assert_close(txt_embeds[1], txt_tokens[1, 2])
+    assert torch.all(txt_tokens[1, 3:] == 0)
+    np.testing.assert_allclose(img_tokens.norm(dim=-1).numpy(), 1, atol=1e-5)
