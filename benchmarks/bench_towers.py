@@ -9,6 +9,9 @@ times, interleaved in one run and on the same threads:
 - SDK call: ``Local.encode_images`` / ``encode_texts`` from 224x224 uint8
   images / strings, so preprocessing and tokenisation are included.
 
+Paths are timed in alternating blocks, not call by call: the thread pools of
+one library keep spinning briefly after a call and slow the other's next one.
+
     python benchmarks/bench_towers.py [--threads 2] [--repeats 20] [--json OUT]
 
 Prints medians and p90s in ms and the ratio eager / SDK (higher = SDK faster).
@@ -75,10 +78,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="clipmatch-bench-") as tmp:
         t0 = time.perf_counter()
         model_dir = build_vit_b32(Path(tmp))
-        result = export_model(model_dir, Path(tmp) / "export", ExportOptions(towers_only=True, fp16=False))
-        print(f"ViT-B/32-shaped CLIP built and exported in {time.perf_counter() - t0:.0f} s; parity max|diff| "
-              f"image {result.report.worst('image_tower', 'fp32'):.1e}, "
-              f"text {result.report.worst('text_tower', 'fp32'):.1e}")
+        result = export_model(model_dir, Path(tmp) / "export", ExportOptions(towers_only=True))
+        print(f"ViT-B/32-shaped CLIP built and exported in {time.perf_counter() - t0:.0f} s")
+        for name in ("image_tower", "text_tower"):
+            print(f"  {name} ONNX vs PyTorch max|diff|: fp32 {result.report.worst(name, 'fp32'):.1e}, "
+                  f"fp16 {result.report.worst(name, 'fp16'):.1e}")
 
         clip = CLIPModel.from_pretrained(str(model_dir)).eval()
         image_tower, text_tower = ImageTower(clip).eval(), TextTower(clip).eval()
@@ -110,12 +114,14 @@ def main() -> None:
                         for fn in fns.values():
                             fn()
                     times = {name: [] for name in fns}
-                    order = list(fns.items())
-                    for i in range(args.repeats):
-                        # Interleaved, so drift hits every path alike, and rotated, because
-                        # torch's OpenMP threads spin on after a call and slow whatever runs next.
-                        for name, fn in order[i % 3:] + order[:i % 3]:
-                            times[name].append(timed(fn))
+                    # Blocks, not single calls, alternated twice (ABC ABC) so drift hits every
+                    # path alike; each block opens with an untimed call, because the threads of
+                    # the path that ran before (torch's OpenMP, onnxruntime's pool) spin on for
+                    # a while and would slow the first call of the next path.
+                    for _ in range(2):
+                        for name, fn in fns.items():
+                            fn()
+                            times[name].extend(timed(fn) for _ in range((args.repeats + 1) // 2))
                     med = {n: statistics.median(t) for n, t in times.items()}
                     p90 = {n: float(np.percentile(t, 90)) for n, t in times.items()}
                     rows.append({"tower": tower, "batch": batch, "median_ms": med, "p90_ms": p90,

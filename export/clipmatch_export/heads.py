@@ -64,13 +64,16 @@ def load_heads(model_dir: str | Path) -> tuple[ClipmatchHeads, HeadsManifest]:
         )
     heads = ClipmatchHeads(manifest.config)
     state = load_file(str(weights))
-    missing, unexpected = heads.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    expected = {k: tuple(v.shape) for k, v in heads.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))[:5]
+        unexpected = sorted(set(found) - set(expected))[:5]
+        resized = [f"{k} {found[k]} (config wants {expected[k]})"
+                   for k in sorted(set(found) & set(expected)) if found[k] != expected[k]][:5]
         raise IncompatibleModelError(
-            f"{weights} does not fit the heads described by its manifest: "
-            f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"{weights} does not fit the heads its manifest describes: missing {missing}, "
+            f"unexpected {unexpected}, wrong shapes {resized}"
         )
-    shapes_ok = all(state[k].shape == v.shape for k, v in heads.state_dict().items())
-    if not shapes_ok:
-        raise IncompatibleModelError(f"{weights} tensor shapes do not fit the manifest's heads config")
+    heads.load_state_dict(state)
     return heads.eval(), manifest

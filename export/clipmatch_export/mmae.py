@@ -63,8 +63,7 @@ class Expert(nn.Module):
     def __init__(self, config: HeadsConfig):
         super().__init__()
         d, eps = config.embed_dim, config.layer_norm_eps
-        self.ln_query = nn.LayerNorm(d, eps=eps)
-        self.ln_context = nn.LayerNorm(d, eps=eps)
+        self.ln_attn = nn.LayerNorm(d, eps=eps)  # one LN for queries and context, as in the spec
         self.attn = Attention(config)
         self.ln_mlp = nn.LayerNorm(d, eps=eps)
         self.mlp = MLP(config)
@@ -74,7 +73,7 @@ class Expert(nn.Module):
         # With a single block the read-out position depends only on its own
         # query row, so only that row is computed: O(T) per expert, not O(S*T).
         h = gather_positions(x, at).unsqueeze(1)  # (B, 1, D)
-        h = h + self.attn(self.ln_query(h), self.ln_context(y), y_mask)
+        h = h + self.attn(self.ln_attn(h), self.ln_attn(y), y_mask)
         h = h + self.mlp(self.ln_mlp(h))
         return h.squeeze(1)  # (B, D)
 

@@ -34,10 +34,11 @@ class Tolerance:
 
 
 FP32 = Tolerance(atol=1e-4)
-# fp16 keeps ~3 significant digits; outputs here are unit vectors, cosines,
-# probabilities and O(1) logits, so 1e-2 absolute + 1e-2 relative is tight
-# enough to catch a broken conversion and loose enough for rounding.
-FP16 = Tolerance(atol=1e-2, rtol=1e-2)
+# fp16 keeps ~3 significant digits. Measured here: at most 2e-4 on ViT-B/32-shaped
+# towers and 7e-4 on the tiny test model; 2e-3 leaves room for trained weights'
+# larger activations and still catches a graph that drifted (outputs are unit
+# vectors, cosines, probabilities and O(1) logits).
+FP16 = Tolerance(atol=2e-3, rtol=1e-2)
 
 
 @dataclass

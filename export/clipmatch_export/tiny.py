@@ -12,6 +12,8 @@ import torch
 from tokenizers import Tokenizer
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
+from clipmatch.checkpoint import inspect_checkpoint
+
 from .heads import build_heads, heads_config_for, save_heads
 from .tokenizer_build import default_corpus, train_clip_tokenizer
 
@@ -61,5 +63,6 @@ def build_tiny_clip(
 
 def add_random_heads(model_dir: str | Path, *, seed: int = 0, **overrides):
     """Attach freshly initialised heads to a checkpoint folder (untrained: for plumbing and tests)."""
-    config = heads_config_for(CLIPConfig.from_pretrained(str(model_dir)), **overrides)
+    files = inspect_checkpoint(model_dir)  # a missing or non-CLIP folder is refused before anything is sized
+    config = heads_config_for(CLIPConfig.from_dict(files.config), **overrides)
     return save_heads(build_heads(config, seed), model_dir)

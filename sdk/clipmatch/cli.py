@@ -58,7 +58,10 @@ def cmd_export(args) -> int:
     _export_package()
     from clipmatch_export.exporter import ExportOptions, export_model
 
-    options = ExportOptions(opset=args.opset, fp16=not args.no_fp16, towers_only=args.towers_only, seed=args.seed)
+    from clipmatch_export.parity import FP16, Tolerance
+
+    options = ExportOptions(opset=args.opset, fp16=not args.no_fp16, towers_only=args.towers_only, seed=args.seed,
+                            fp16_tolerance=Tolerance(atol=args.fp16_atol, rtol=FP16.rtol))
     result = export_model(args.model_dir, args.out_dir, options)
     for name in result.manifest.components:
         line = f"{name:13s} fp32 max|diff| {result.report.worst(name, 'fp32'):.2e}"
@@ -131,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--towers-only", action="store_true", help="export without the rescoring heads")
     s.add_argument("--no-fp16", action="store_true", help="skip the fp16 graphs")
     s.add_argument("--opset", type=int, default=17)
+    s.add_argument("--fp16-atol", type=float, default=2e-3,
+                   help="fp16 parity tolerance: |onnx - torch| <= atol + 1e-2 * |torch|")
     s.add_argument("--seed", type=int, default=0, help="seed of the parity inputs")
     s.add_argument("--tensorrt", action="store_true", help="also build TensorRT engines (needs tensorrt + GPU)")
     s.add_argument("--trt-max-batch", type=int, default=64)

@@ -95,7 +95,8 @@ def run_demo(workdir: Path | None = None, repeats: int = 20) -> int:
             r = matcher.rescore(query, gallery, explanation=explanation)
             print(f"\nquery: {query!r}" + (f"  (explanation: {explanation!r})" if explanation else ""))
             rows = [{"rank": rank, "image": SHAPES[i][0], "cosine": float(r.cosine[i]),
-                     "match_prob": float(r.match_prob[i]), "dcsm": float(r.dcsm[i])}
+                     "match_prob": float(r.match_prob[i]), "entity_score": float(r.entity_score[i]),
+                     "dcsm": float(r.dcsm[i])}
                     for rank, i in enumerate(r.order("cosine"), 1)]
             print(format_table(rows))
 

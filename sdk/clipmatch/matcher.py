@@ -132,12 +132,14 @@ class Matcher:
     # -- scoring ---------------------------------------------------------------
 
     def cosine(self, images: Sequence[Any] | ImageEncoding, texts: Sequence[str] | TextEncoding) -> np.ndarray:
-        """(N images, M texts) cosine similarities of the pooled embeddings."""
+        """(N images, M texts) cosine similarities of the pooled embeddings.
+
+        Pass ``encode_texts(...)`` rather than strings to see which texts were
+        cut to the context (``TextEncoding.truncated``).
+        """
         image_embeds = self.encode_images(images).embeds
         text_embeds = self.encode_texts(texts).embeds
-        if image_embeds.shape[1] != text_embeds.shape[1]:
-            raise ShapeError(f"image embeddings have {image_embeds.shape[1]} dims, text embeddings "
-                             f"{text_embeds.shape[1]}: they come from different models")
+        _check_embeds(image_embeds, text_embeds.shape[1])
         return image_embeds @ text_embeds.T
 
     def rescore(
@@ -164,6 +166,7 @@ class Matcher:
         cands = self.encode_images(candidates)
         if len(cands) == 0:
             raise InputError("no candidates given")
+        _check_embeds(cands.embeds, q.embeds.shape[1])
         cosine = cands.embeds @ q.embeds[0]
         result: dict[str, Any] = {"cosine": cosine, "truncated": bool(q.truncated[0])}
         k = len(cands)
@@ -176,7 +179,8 @@ class Matcher:
                 "explanation_tokens": expl.tokens, "explanation_mask": expl.mask,
             })
             result.update(match_prob=out["match_prob"], entity_score=out["entity_score"],
-                          explained=explanation is not None)
+                          explained=explanation is not None,
+                          explanation_truncated=explanation is not None and bool(expl.truncated[0]))
 
         if "dcsm" in wanted:
             length = self.manifest.sizes["dcsm_text_length"]
@@ -197,7 +201,7 @@ class Matcher:
     def _wanted_heads(self, heads: Iterable[str] | None) -> tuple[str, ...]:
         if heads is None:
             return self.heads
-        wanted = tuple(heads)
+        wanted = (heads,) if isinstance(heads, str) else tuple(heads)
         unknown = [h for h in wanted if h not in HEAD_NAMES]
         if unknown:
             raise InputError(f"unknown heads {unknown}; choose from {list(HEAD_NAMES)}")
@@ -228,6 +232,16 @@ class Matcher:
             for name, value in out.items():
                 outputs.setdefault(name, []).append(value)
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
+
+
+def _check_embeds(image_embeds: np.ndarray, dims: int) -> None:
+    """Cached image embeddings must come from this model and hold numbers."""
+    if image_embeds.shape[1] != dims:
+        raise ShapeError(f"image embeddings have {image_embeds.shape[1]} dims, text embeddings {dims}: "
+                         "they come from different models")
+    bad = np.flatnonzero(~np.isfinite(image_embeds).all(axis=1))
+    if bad.size:
+        raise ShapeError(f"image embeddings hold NaN or inf in rows {bad[:10].tolist()}")
 
 
 def _as_list(items: Any, what: str) -> list:

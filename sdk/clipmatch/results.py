@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ShapeError
+from .errors import InputError, ShapeError
 
 __all__ = ["ImageEncoding", "TextEncoding", "RescoreResult"]
 
@@ -81,6 +81,7 @@ class RescoreResult:
     explained: the entity heads saw a real explanation; False means the query
         stood in for its own explanation.
     truncated: the query was longer than the text context and was cut.
+    explanation_truncated: the explanation was longer than the text context and was cut.
     dcsm_truncated: the query was longer than DCSM's fixed text length; the map
         saw only its first dcsm_text_length tokens.
     """
@@ -91,6 +92,7 @@ class RescoreResult:
     dcsm: np.ndarray | None = None
     explained: bool = False
     truncated: bool = False
+    explanation_truncated: bool = False
     dcsm_truncated: bool = False
 
     def order(self, by: str = "cosine") -> np.ndarray:
@@ -101,5 +103,5 @@ class RescoreResult:
         """
         scores = getattr(self, by)
         if scores is None:
-            raise ValueError(f"no {by!r} scores in this result (that head was not run)")
+            raise InputError(f"no {by!r} scores in this result (that head was not run)")
         return np.argsort(-scores, kind="stable")

@@ -97,3 +97,41 @@ def test_heads_manifest_errors(model_copy):
     (model_copy / HEADS_MANIFEST).write_text(json.dumps({"format": "something-else", "format_version": 1}))
     with pytest.raises(IncompatibleModelError, match="not a clipmatch.heads manifest"):
         HeadsManifest.read(model_copy)
+
+
+def test_weights_missing_a_tensor_are_refused(model_copy):
+    pytest.importorskip("torch")
+    from safetensors.numpy import load_file, save_file
+
+    from clipmatch_export.clip_loader import load_clip
+
+    state = load_file(str(model_copy / "model.safetensors"))
+    name = next(k for k in state if k.endswith("text_projection.weight"))
+    del state[name]
+    save_file(state, str(model_copy / "model.safetensors"))
+    with pytest.raises(IncompatibleModelError, match="missing keys: .*text_projection"):
+        load_clip(model_copy)
+
+
+def test_heads_that_do_not_fit_their_manifest_are_refused(model_copy):
+    pytest.importorskip("torch")
+    from clipmatch_export.heads import load_heads
+
+    manifest = json.loads((model_copy / HEADS_MANIFEST).read_text())
+    manifest["heads"]["dcsm_text_length"] = 20  # the weights were built for 16
+    (model_copy / HEADS_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IncompatibleModelError, match=r"wrong shapes .*dcsm.fc1.weight"):
+        load_heads(model_copy)
+
+
+def test_init_heads_checks_the_folder_first(tmp_path, model_copy):
+    pytest.importorskip("torch")
+    from clipmatch_export.tiny import add_random_heads
+
+    with pytest.raises(ModelNotFoundError, match="model folder not found"):
+        add_random_heads(tmp_path / "absent")
+    config = json.loads((model_copy / "config.json").read_text())
+    config["model_type"] = "bert"
+    (model_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(IncompatibleModelError, match="'bert'"):
+        add_random_heads(model_copy)

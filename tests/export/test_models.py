@@ -90,11 +90,30 @@ def test_expert_outputs_ignore_padding_content():
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
 
 
+def full_block(expert, x, y, y_mask):
+    """The spec's pre-LN block over every position: x <- x + Attn(LN(x), LN(y)); x <- x + MLP(LN(x))."""
+    h = x + expert.attn(expert.ln_attn(x), expert.ln_attn(y), y_mask)
+    return h + expert.mlp(expert.ln_mlp(h))
+
+
 def test_text_experts_read_each_texts_own_eot():
-    experts = MultimodalExperts(CFG).eval()
+    experts = build_heads(CFG, seed=3).entity.experts
     img, txt, tm, exp, em = entity_batch()
+    eot = tm.sum(1) - 1  # 6, 3, 2: a different position in every row
     with torch.no_grad():
         out = experts(img, txt, tm, exp, em)
+        for k, expert in enumerate(experts.text):
+            # The single-row read-out equals the whole block read at each text's own EOT.
+            want = full_block(expert, txt, txt, tm)[torch.arange(3), eot]
+            torch.testing.assert_close(out.text_experts[:, k], want, atol=1e-5, rtol=0)
+        for k, expert in enumerate(experts.explanation):
+            torch.testing.assert_close(out.text_experts[:, 2 + k],
+                                       full_block(expert, txt, exp, em)[torch.arange(3), eot], atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.image_experts[:, 2 + k], full_block(expert, img, exp, em)[:, 0],
+                                       atol=1e-5, rtol=0)
+        for k, expert in enumerate(experts.vision):
+            torch.testing.assert_close(out.image_experts[:, k], full_block(expert, img, img, None)[:, 0],
+                                       atol=1e-5, rtol=0)
     for i, n in enumerate(tm.sum(1).tolist()):
         torch.testing.assert_close(out.text_cls[i], txt[i, n - 1])
     assert out.image_experts.shape == (3, 4, 16) and out.text_experts.shape == (3, 4, 16)
