@@ -78,6 +78,57 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _config_args(parser: argparse.ArgumentParser, fields_of) -> None:
+    """One --flag per config field, so the command line and the config never drift apart."""
+    import dataclasses
+
+    for f in dataclasses.fields(fields_of):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                                metavar="BOOL")
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
+
+
+def _config_from(args, cls):
+    import dataclasses
+
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if getattr(args, f.name) is not None})
+
+
+def _records(args):
+    from clipmatch_export.train.data import read_jsonl
+
+    kb = json.loads(Path(args.kb).read_text()) if args.kb else None
+    records, report = read_jsonl(args.data, skip_bad=args.skip_bad, knowledge_base=kb)
+    print(report.summary())
+    return records
+
+
+def cmd_train_clip(args) -> int:
+    _export_package()
+    from clipmatch_export.train.clip_trainer import train_clip
+    from clipmatch_export.train.configs import ClipTrainConfig
+
+    out = train_clip(_records(args), args.out_dir, _config_from(args, ClipTrainConfig), init=args.init,
+                     skip_bad=args.skip_bad)
+    print(f"CLIP checkpoint written to {out}")
+    return 0
+
+
+def cmd_train_heads(args) -> int:
+    _export_package()
+    from clipmatch_export.train.configs import HeadsTrainConfig
+    from clipmatch_export.train.heads_trainer import train_heads
+
+    manifest = train_heads(_records(args), args.model_dir, _config_from(args, HeadsTrainConfig),
+                           stages=args.stages.split(","))
+    print(f"heads written next to {args.model_dir}: {json.dumps(manifest.config.to_dict())}")
+    return 0
+
+
 def cmd_rank(args) -> int:
     from .local import Local
 
@@ -104,6 +155,16 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     return run_demo(workdir=args.workdir, repeats=args.repeats)
+
+
+def _load_configs(locations):
+    """The training configs, when the PyTorch side is installed (else `train` explains what is missing)."""
+    import importlib
+
+    try:
+        return [getattr(importlib.import_module(m), name) for m, name in locations]
+    except ImportError:
+        return []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +202,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trt-max-batch", type=int, default=64)
     s.add_argument("--trt-opt-batch", type=int, default=8)
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("train", help="train the CLIP towers or the rescoring heads on a JSONL dataset")
+    train = s.add_subparsers(dest="stage", required=True)
+    from_export = ("clipmatch_export.train.configs", "ClipTrainConfig"), \
+        ("clipmatch_export.train.configs", "HeadsTrainConfig")
+    configs = _load_configs(from_export)
+    t = train.add_parser("clip", help="contrastive training: from scratch, or fine-tuning --init MODEL_DIR")
+    t.add_argument("data", type=Path, help="JSONL: image, caption, optional explanation and hard negatives")
+    t.add_argument("out_dir", type=Path)
+    t.add_argument("--init", type=Path, default=None, help="a CLIP checkpoint folder to fine-tune")
+    if configs:
+        _config_args(t, configs[0])
+    t.set_defaults(func=cmd_train_clip)
+    t = train.add_parser("heads", help="DCSM and MMAE/GI-ITM on the frozen towers of MODEL_DIR")
+    t.add_argument("data", type=Path)
+    t.add_argument("model_dir", type=Path)
+    t.add_argument("--stages", default="dcsm,entity")
+    if configs:
+        _config_args(t, configs[1])
+    t.set_defaults(func=cmd_train_heads)
+    for t in train.choices.values():
+        t.add_argument("--kb", default=None, help="knowledge base JSON (entity -> explanation)")
+        t.add_argument("--skip-bad", action="store_true", help="skip, count and report bad records")
 
     s = sub.add_parser("rank", help="rank images for a query with cosine and every head")
     s.add_argument("export_dir", type=Path)

@@ -7,7 +7,8 @@
     ├── InputError (ValueError)    a caller's input is unusable; names the item
     │   ├── ImageError             one image: unreadable, too small, NaN, bad shape
     │   ├── TextError              one text: empty, not a string
-    │   └── ShapeError             arrays or batches that do not fit together
+    │   ├── ShapeError             arrays or batches that do not fit together
+    │   └── DatasetError           one record of a dataset file (index = line number)
     ├── ExportError                exporting a model failed
     │   └── ParityError            an exported graph disagrees with its PyTorch source
     ├── BackendError               the runtime underneath (onnxruntime, ...) failed
@@ -27,6 +28,7 @@ __all__ = [
     "ImageError",
     "TextError",
     "ShapeError",
+    "DatasetError",
     "ExportError",
     "ParityError",
     "BackendError",
@@ -72,6 +74,16 @@ class TextError(InputError):
 
 class ShapeError(InputError):
     """Arrays or batches whose sizes do not fit together."""
+
+
+class DatasetError(InputError):
+    """One record of a dataset file cannot be used; ``index`` is its 1-based line number."""
+
+    def __init__(self, message: str, *, index: int | None = None, path: str | None = None):
+        self.path = path
+        where = f"{path}:{index}" if path and index is not None else (f"line {index}" if index is not None else path)
+        ClipmatchError.__init__(self, f"{where}: {message}" if where else message)
+        self.index = index
 
 
 class ExportError(ClipmatchError):

@@ -1,0 +1,40 @@
+"""Training configurations, importable without torch (the CLI builds its flags from them)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ClipTrainConfig:
+    """A small CLIP for 64x64 scenes; ignored sizes when fine-tuning a checkpoint."""
+
+    image_size: int = 64  # the synthetic world's canvas
+    patch_size: int = 8  # 8x8 patches: P = 65 tokens, fine enough for left/right/above/below
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    projection_dim: int = 128
+    context_length: int = 32  # captions and explanations here stay under ~25 tokens
+    vocab_size: int = 1000
+    epochs: int = 12
+    batch_size: int = 128
+    lr: float = 1e-3  # from scratch; fine-tuning a real CLIP wants ~1e-5
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    seed: int = 0
+    explanations_as_captions: bool = True  # (image, explanation) pairs teach the look words
+
+
+@dataclass(frozen=True)
+class HeadsTrainConfig:
+    num_experts: int = 2  # K per kind; 2 keeps the default model small (the reference uses 4)
+    dcsm_text_length: int = 16
+    dcsm_epochs: int = 6
+    entity_epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    entity_temperature: float = 0.05
+    itm_weight: float = 1.0
+    seed: int = 0

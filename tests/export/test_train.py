@@ -1,0 +1,142 @@
+"""Training on a handful of samples: the real code paths, small enough for CI."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+torch = pytest.importorskip("torch")
+
+from clipmatch.errors import DatasetError, ModelNotFoundError  # noqa: E402
+from clipmatch_export.train.configs import ClipTrainConfig, HeadsTrainConfig  # noqa: E402
+from clipmatch_export.train.data import read_jsonl  # noqa: E402
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60)}
+SHAPES = ("circle", "square")
+TINY = ClipTrainConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=1, num_heads=2, projection_dim=16,
+                       context_length=24, vocab_size=600, epochs=2, batch_size=4, warmup_steps=2)
+HEADS = HeadsTrainConfig(num_experts=1, dcsm_text_length=8, dcsm_epochs=1, entity_epochs=1, batch_size=4,
+                         warmup_steps=2)
+
+
+def draw(colour: str, shape: str, x: int) -> Image.Image:
+    img = Image.new("RGB", (32, 32), (240, 240, 235))
+    d = ImageDraw.Draw(img)
+    box = (x, 10, x + 12, 22)
+    (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLOURS[colour])
+    return img
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    lines = []
+    for i, (colour, shape) in enumerate([(c, s) for c in COLOURS for s in SHAPES] * 2):
+        draw(colour, shape, 4 + 8 * (i % 2)).save(root / "images" / f"{i}.png")
+        other = "blue" if colour == "red" else "red"
+        draw(other, shape, 4 + 8 * (i % 2)).save(root / "images" / f"{i}_neg.png")
+        lines.append({"image": f"images/{i}.png", "caption": f"a {colour} {shape}",
+                      "explanation": f"a round {colour} thing" if shape == "circle" else None,
+                      "negative_captions": [f"a {other} {shape}"], "negative_image": f"images/{i}_neg.png"})
+    path = root / "train.jsonl"
+    path.write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return path
+
+
+def test_bad_records_name_their_line(dataset, tmp_path):
+    good = dataset.read_text().splitlines()
+    root = dataset.parent
+    cases = {
+        "not valid JSON": "{broken",
+        "'caption' must be a non-empty string": json.dumps({"image": "images/0.png", "caption": ""}),
+        "image file not found": json.dumps({"image": "images/missing.png", "caption": "a cat"}),
+        "empty line": "",
+        "not in the knowledge base": json.dumps({"image": "images/0.png", "caption": "the X-1", "entity": "X-1"}),
+    }
+    for problem, bad in cases.items():
+        path = root / "bad.jsonl"
+        path.write_text("\n".join(good[:3] + [bad] + good[3:5]) + "\n")
+        with pytest.raises(DatasetError, match=rf"bad.jsonl:4: .*{problem}"):
+            read_jsonl(path, knowledge_base={"Y-2": "a green square"})
+        records, report = read_jsonl(path, skip_bad=True, knowledge_base={"Y-2": "a green square"})
+        assert len(records) == 5 and report.lines == 6 and len(report.skipped) == 1
+        assert "skipped" in report.summary() and problem.split()[0] in report.summary()
+    with pytest.raises(ModelNotFoundError):
+        read_jsonl(root / "absent.jsonl")
+
+
+def test_knowledge_base_fills_explanations(dataset):
+    path = dataset.parent / "kb.jsonl"
+    path.write_text(json.dumps({"image": "images/0.png", "caption": "the Y-2", "entity": "Y-2"}) + "\n")
+    records, _ = read_jsonl(path, knowledge_base={"Y-2": "a green square"})
+    assert records[0].explanation == "a green square"
+
+
+def test_train_from_scratch_resumes_to_the_same_weights(dataset, tmp_path):
+    from safetensors.numpy import load_file
+
+    from clipmatch_export.train.clip_trainer import train_clip
+    from clipmatch_export.train.state import STATE_DIR
+
+    records, _ = read_jsonl(dataset)
+    whole = train_clip(records, tmp_path / "whole", TINY, progress=False)
+    # Interrupted after one epoch, then resumed: the same weights as one uninterrupted run.
+    assert train_clip(records, tmp_path / "split", TINY, progress=False, stop_after=1) is None
+    assert (tmp_path / "split" / STATE_DIR / "state.safetensors").is_file()
+    split = train_clip(records, tmp_path / "split", TINY, progress=False)
+    assert not (split / STATE_DIR).exists()
+    a, b = load_file(str(whole / "model.safetensors")), load_file(str(split / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6, err_msg=k)
+    untrained = ClipTrainConfig(**{**TINY.__dict__, "epochs": 0})
+    fresh = load_file(str(train_clip(records, tmp_path / "fresh", untrained, progress=False) / "model.safetensors"))
+    assert any(not np.allclose(a[k], fresh[k]) for k in a)  # training moved the weights
+
+
+@pytest.fixture(scope="module")
+def trained_dir(dataset, tmp_path_factory):
+    from clipmatch_export.train.clip_trainer import train_clip
+
+    records, _ = read_jsonl(dataset)
+    return train_clip(records, tmp_path_factory.mktemp("trained") / "model", TINY, progress=False)
+
+
+def test_trained_folder_is_a_real_checkpoint_and_heads_train_export_and_serve(dataset, trained_dir, tmp_path):
+    import clipmatch
+    from clipmatch_export.exporter import export_model
+    from clipmatch_export.train.heads_trainer import train_heads
+
+    records, _ = read_jsonl(dataset)
+    manifest = train_heads(records, trained_dir, HEADS, progress=False)
+    assert manifest.config.num_experts == 1 and manifest.config.dcsm_text_length == 8
+    out = export_model(trained_dir, tmp_path / "export").out_dir
+    r = clipmatch.Local(out).rescore("a red circle", [draw("red", "circle", 4), draw("blue", "square", 4)],
+                                     explanation="a round red thing")
+    assert np.isfinite(r.dcsm).all() and np.isfinite(r.match_prob).all()
+
+
+def test_fine_tuning_a_checkpoint_keeps_its_tokenizer(dataset, tiny_model_dir, tmp_path):
+    from clipmatch_export.train.clip_trainer import train_clip
+
+    records, _ = read_jsonl(dataset)
+    config = ClipTrainConfig(**{**TINY.__dict__, "epochs": 1, "lr": 1e-4})
+    out = train_clip(records, tmp_path / "tuned", config, init=tiny_model_dir, progress=False)
+    assert (out / "tokenizer.json").read_bytes() == (tiny_model_dir / "tokenizer.json").read_bytes()
+    assert json.loads((out / "config.json").read_text())["projection_dim"] == 24  # the checkpoint's, not TINY's
+
+
+def test_cli_train_reports_bad_lines(dataset, tmp_path):
+    import subprocess
+
+    from ..conftest import PYTHON
+
+    path = dataset.parent / "cli_bad.jsonl"
+    path.write_text(dataset.read_text() + "{oops\n")
+    run = subprocess.run([PYTHON, "-m", "clipmatch.cli", "train", "clip", str(path), str(tmp_path / "m"),
+                          "--epochs", "0"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "cli_bad.jsonl:13: not valid JSON" in run.stderr, run.stderr[-1500:]
