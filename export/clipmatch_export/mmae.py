@@ -111,28 +111,37 @@ class MultimodalExperts(nn.Module):
         image_tokens: torch.Tensor,  # (B, P, D)
         text_tokens: torch.Tensor,  # (B, T, D)
         text_mask: torch.Tensor,  # (B, T)
-        explanation_tokens: torch.Tensor,  # (B, E, D)
+        explanation_tokens: torch.Tensor,  # (B, E, D), each text's own explanation
         explanation_mask: torch.Tensor,  # (B, E)
+        pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> ExpertOutputs:
+        """Row b pairs image b with text b. With ``pairs = (image_index, text_index)``,
+        R pairs of NI images x NT texts are scored instead: experts that read one side
+        only (vision, text, and explanation experts on the text side) run once per
+        image or text, not once per pair. Same values, a fraction of the work (training).
+        """
         cls = torch.zeros(image_tokens.size(0), dtype=torch.long, device=image_tokens.device)
         eot = eot_positions(text_mask)
-        image_cls = image_tokens[:, 0]
-        text_cls = gather_positions(text_tokens, eot)
+        image_cls = image_tokens[:, 0]  # (NI, D)
+        text_cls = gather_positions(text_tokens, eot)  # (NT, D)
 
-        image_experts = torch.stack(
-            [e(image_tokens, cls, image_tokens, None) for e in self.vision]
-            + [e(image_tokens, cls, explanation_tokens, explanation_mask) for e in self.explanation],
-            dim=1,
-        )  # (B, 2K, D)
-        text_experts = torch.stack(
-            [e(text_tokens, eot, text_tokens, text_mask) for e in self.text]
-            + [e(text_tokens, eot, explanation_tokens, explanation_mask) for e in self.explanation],
-            dim=1,
-        )  # (B, 2K, D)
+        vision = torch.stack([e(image_tokens, cls, image_tokens, None) for e in self.vision], dim=1)  # (NI, K, D)
+        text = torch.stack([e(text_tokens, eot, text_tokens, text_mask) for e in self.text]
+                           + [e(text_tokens, eot, explanation_tokens, explanation_mask) for e in self.explanation],
+                           dim=1)  # (NT, 2K, D)
+        if pairs is not None:
+            ii, jj = pairs
+            image_cls, vision, text_cls, text = image_cls[ii], vision[ii], text_cls[jj], text[jj]
+            explanation_tokens, explanation_mask = explanation_tokens[jj], explanation_mask[jj]
+            image_tokens, cls = image_cls.unsqueeze(1), torch.zeros_like(ii)  # only the CLS row is read
+        # The image side's explanation experts read both the image and the text's explanation.
+        image_explained = torch.stack(
+            [e(image_tokens, cls, explanation_tokens, explanation_mask) for e in self.explanation], dim=1)
+        image_experts = torch.cat([vision, image_explained], dim=1)  # (B, 2K, D)
 
         image_star = _gated_sum(self.image_gate(image_cls), image_experts)
-        text_star = _gated_sum(self.text_gate(text_cls), text_experts)
-        return ExpertOutputs(image_cls, text_cls, image_experts, text_experts,
+        text_star = _gated_sum(self.text_gate(text_cls), text)
+        return ExpertOutputs(image_cls, text_cls, image_experts, text,
                              F.normalize(image_star, dim=-1), F.normalize(text_star, dim=-1))
 
 

@@ -129,6 +129,38 @@ def cmd_train_heads(args) -> int:
     return 0
 
 
+def cmd_train_default(args) -> int:
+    _export_package()
+    from clipmatch_export.train.default_model import DefaultRecipe, build_default_model
+
+    build_default_model(args.out, args.data, DefaultRecipe(seed=args.seed, train_size=args.train_size))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import tempfile
+
+    from .local import Local
+    from .manifest import EXPORT_MANIFEST
+
+    _export_package()
+    from clipmatch_export.evaluate import EvalConfig, evaluate, format_markdown, write_json
+
+    with tempfile.TemporaryDirectory(prefix="clipmatch-eval-") as tmp:
+        export_dir = args.model
+        if not (Path(args.model) / EXPORT_MANIFEST).is_file():
+            from clipmatch_export.exporter import ExportOptions, export_model
+
+            export_dir = export_model(args.model, Path(tmp) / "export", ExportOptions(fp16=False)).out_dir
+        config = EvalConfig(**{k: v for k, v in (("seed", args.seed), ("per_row", args.per_row),
+                                                 ("gallery_size", args.gallery_size)) if v is not None})
+        result = evaluate(Local(export_dir), config)
+    print(format_markdown(result))
+    if args.json:
+        write_json(result, args.json)
+    return 0
+
+
 def cmd_rank(args) -> int:
     from .local import Local
 
@@ -222,9 +254,24 @@ def build_parser() -> argparse.ArgumentParser:
     if configs:
         _config_args(t, configs[1])
     t.set_defaults(func=cmd_train_heads)
-    for t in train.choices.values():
+    t = train.add_parser("default", help="the default model: synthetic data, CLIP from scratch, then the heads")
+    t.add_argument("--out", type=Path, default=Path("models/default"))
+    t.add_argument("--data", type=Path, default=Path(".cache/synth"), help="where the synthetic data is written")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--train-size", type=int, default=10_000)
+    t.set_defaults(func=cmd_train_default)
+    for t in (train.choices["clip"], train.choices["heads"]):
         t.add_argument("--kb", default=None, help="knowledge base JSON (entity -> explanation)")
         t.add_argument("--skip-bad", action="store_true", help="skip, count and report bad records")
+
+    s = sub.add_parser("eval", help="per-phenomenon table on the synthetic test split: cosine vs each head")
+    s.add_argument("model", nargs="?", type=Path, default=Path("models/default"),
+                   help="a model folder (exported on the fly) or an export folder")
+    s.add_argument("--seed", type=int, default=None, help="test-set seed (default differs from training)")
+    s.add_argument("--per-row", type=int, default=None)
+    s.add_argument("--gallery-size", type=int, default=None)
+    s.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("rank", help="rank images for a query with cosine and every head")
     s.add_argument("export_dir", type=Path)

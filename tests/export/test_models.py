@@ -156,3 +156,16 @@ def test_towers_pool_the_token_they_return(tiny_model_dir):
     torch.testing.assert_close(txt_embeds[1], txt_tokens[1, 2])
     assert torch.all(txt_tokens[1, 3:] == 0)
     np.testing.assert_allclose(img_tokens.norm(dim=-1).numpy(), 1, atol=1e-5)
+
+
+def test_pairwise_scoring_equals_row_aligned_rows():
+    """The training shortcut (one-sided experts once per image / text) gives the served rows' values."""
+    experts = build_heads(CFG, seed=4).entity.experts
+    img, txt, tm, exp, em = entity_batch()
+    ii = torch.tensor([0, 0, 1, 2, 2, 1])
+    jj = torch.tensor([0, 2, 1, 0, 1, 2])
+    with torch.no_grad():
+        fast = experts(img, txt, tm, exp, em, pairs=(ii, jj))
+        slow = experts(img[ii], txt[jj], tm[jj], exp[jj], em[jj])
+    for name in ("image_cls", "text_cls", "image_experts", "text_experts", "image_star", "text_star"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), atol=1e-5, rtol=0)

@@ -6,12 +6,14 @@ measured against the very cosine it rescores. Tower features are computed
 once, up front; each step then costs only the heads.
 
 DCSM (methods.md §1): a batch holds B positives plus, where the data has
-them, each one's hard negative caption and image. The pair-score matrix over
-all images x all texts is trained with cross-entropy over rows and columns.
+them, each one's hard negative caption and image (a matching pair of their
+own). Every image is scored against its text, its partner's text and a few
+random texts of the batch, every text likewise against images, with
+cross-entropy over each such row and column.
 
-MMAE + GI-ITM (methods.md §2, towers frozen): InfoNCE on cos(V*, T*) over all
-(image, text + explanation) pairs of the batch, plus ITM on the positives, the
-hardest in-batch negatives and the data's hard negatives.
+MMAE + GI-ITM (methods.md §2, towers frozen): InfoNCE on cos(V*, T*) over the
+same candidate sets, plus ITM on the positive, the hard partner and the
+most confusable random candidate.
 """
 from __future__ import annotations
 
@@ -108,11 +110,12 @@ def _fit(heads: ClipmatchHeads, module: torch.nn.Module, feats: Features, config
     bar = Progress(total, initial=start * steps_per_epoch, enabled=progress, desc=run["stage"])
     for epoch in range(start, epochs):
         order = torch.randperm(n, generator=seeded(config.seed, epoch))
+        gen = seeded(config.seed + 1, epoch)  # negatives' draws, reproducible across a resume
         for b in range(steps_per_epoch):
             rows = order[b * config.batch_size:(b + 1) * config.batch_size]
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(epoch * steps_per_epoch + b, total, config.lr, config.warmup_steps)
-            loss = loss_fn(module, feats, rows, config)
+            loss = loss_fn(module, feats, rows, config, gen)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -124,81 +127,118 @@ def _fit(heads: ClipmatchHeads, module: torch.nn.Module, feats: Features, config
     clear_state(out)
 
 
-# -- DCSM ------------------------------------------------------------------------------------
+# -- candidate sets ---------------------------------------------------------------------------
+#
+# Scoring every image against every text of a batch costs B^2 head calls.
+# Each anchor is instead scored against its positive, its hard-negative
+# partner (the swapped caption or image) and a few random in-batch others:
+# the hard negatives carry the signal the heads exist for, the random ones
+# keep basic content in view, and a step costs O(B).
 
-def _dcsm_loss(dcsm, feats: Features, rows: torch.Tensor, config: HeadsTrainConfig) -> torch.Tensor:
-    L = config.dcsm_text_length
-    img = [feats.images[rows]]
-    txt, mask, func = [_fit_len(feats.captions[rows], L)], [_fit_len(feats.caption_mask[rows], L)], \
-        [_fit_len(feats.caption_functional[rows], L)]
-    img_class, txt_class = [feats.caption_class[rows]], [feats.caption_class[rows]]
-    # Each hard negative pair (swapped image, swapped caption) is a positive pair of its own.
+def _candidates(pos: torch.Tensor, partner: torch.Tensor, n: int, blocked: torch.Tensor, m: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, 2 + m) candidate indices into n items (column 0 is the positive) and a validity mask."""
+    rand = torch.randint(n, (pos.numel(), m), generator=gen)
+    cand = torch.cat([pos[:, None], partner.clamp(min=0)[:, None], rand], dim=1)
+    valid = torch.ones_like(cand, dtype=torch.bool)
+    valid[:, 1] = partner >= 0
+    # A random pick that is another positive of the anchor (same caption, or the anchor's own
+    # positive again) is not a negative: leave it out.
+    valid[:, 2:] &= ~blocked.gather(1, rand) & (rand != pos[:, None]) & (rand != partner[:, None])
+    return cand, valid
+
+
+def _ce_first(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with column 0 as the target, invalid candidates masked out."""
+    scores = scores.masked_fill(~valid, float("-inf"))
+    return F.cross_entropy(scores, torch.zeros(scores.shape[0], dtype=torch.long))
+
+
+def _pairs_with_partners(feats: Features, rows: torch.Tensor):
+    """Images and texts of a batch: the positives, then each hard negative pair where the data has one.
+
+    Returns classes for both sides (equal class = a match) and, for every item,
+    the index of its partner on its own side (-1 when none): I_i <-> I'_i, T_i <-> T'_i.
+    """
+    b = rows.numel()
     both = feats.has_neg_image[rows] & feats.has_neg_caption[rows]
-    if feats.neg_images is not None and feats.neg_captions is not None and both.any():
-        neg = rows[both]
-        img.append(feats.neg_images[neg])
-        txt.append(_fit_len(feats.neg_captions[neg], L))
-        mask.append(_fit_len(feats.neg_caption_mask[neg], L))
-        func.append(_fit_len(feats.neg_caption_functional[neg], L))
-        # Negative pairs get classes of their own: -1 - index, unique in the batch.
-        own = -1 - torch.arange(int(both.sum()))
-        img_class.append(own)
-        txt_class.append(own)
-    img, txt, mask, func = torch.cat(img).float(), torch.cat(txt).float(), torch.cat(mask), torch.cat(func)
-    img_class, txt_class = torch.cat(img_class), torch.cat(txt_class)
-    ni, nt = img.shape[0], txt.shape[0]
-    scores = dcsm(img.repeat_interleave(nt, 0), txt.repeat(ni, 1, 1), mask.repeat(ni, 1), func.repeat(ni, 1))
-    scores = scores.view(ni, nt)
-    target = (img_class[:, None] == txt_class[None, :]).float()
-    return _multi_positive_ce(scores, target)
+    if feats.neg_images is None or feats.neg_captions is None:
+        both = torch.zeros_like(both)
+    neg = rows[both]
+    k = neg.numel()
+    cls = torch.cat([feats.caption_class[rows], -1 - torch.arange(k)])  # negatives: unique classes
+    partner = torch.full((b + k,), -1)
+    pos_with = torch.arange(b)[both]
+    partner[pos_with] = b + torch.arange(k)
+    partner[b + torch.arange(k)] = pos_with
+    return neg, cls, partner
+
+
+def _dcsm_loss(dcsm, feats: Features, rows: torch.Tensor, config: HeadsTrainConfig,
+               gen: torch.Generator) -> torch.Tensor:
+    L = config.dcsm_text_length
+    neg, cls, partner = _pairs_with_partners(feats, rows)
+    img = torch.cat([feats.images[rows], feats.neg_images[neg]] if neg.numel() else [feats.images[rows]]).float()
+    parts = [(feats.captions, feats.caption_mask, feats.caption_functional, rows)]
+    if neg.numel():
+        parts.append((feats.neg_captions, feats.neg_caption_mask, feats.neg_caption_functional, neg))
+    txt = torch.cat([_fit_len(t[r], L) for t, _, _, r in parts]).float()
+    mask = torch.cat([_fit_len(m[r], L) for _, m, _, r in parts])
+    func = torch.cat([_fit_len(f[r], L) for _, _, f, r in parts])
+    n = cls.numel()
+    same = cls[:, None] == cls[None, :]
+    idx = torch.arange(n)
+    # Item i's positive on the other side is item i (images and texts are built in the same order).
+    loss = 0.0
+    for anchor_is_image in (True, False):
+        cand, valid = _candidates(idx, partner, n, same, config.random_negatives, gen)
+        a = idx[:, None].expand_as(cand).reshape(-1)
+        c = cand.reshape(-1)
+        i_idx, t_idx = (a, c) if anchor_is_image else (c, a)
+        scores = dcsm(img[i_idx], txt[t_idx], mask[t_idx], func[t_idx]).view(n, -1)
+        loss = loss + _ce_first(scores, valid)
+    return loss / 2
 
 
 # -- MMAE + GI-ITM ------------------------------------------------------------------------------
 
-def _entity_loss(entity, feats: Features, rows: torch.Tensor, config: HeadsTrainConfig) -> torch.Tensor:
-    b = rows.numel()
-    img = feats.images[rows].float()
-    cap, cmask = feats.captions[rows].float(), feats.caption_mask[rows]
-    exp, emask = feats.explanations[rows].float(), feats.explanation_mask[rows]
-    # Every (image i, text j) pair of the batch: V* depends on text j's explanation.
-    ii = torch.arange(b).repeat_interleave(b)
-    jj = torch.arange(b).repeat(b)
-    out = entity.experts(img[ii], cap[jj], cmask[jj], exp[jj], emask[jj])
-    sim = (out.image_star * out.text_star).sum(-1).view(b, b) / config.entity_temperature
-    cls = feats.caption_class[rows]
-    target = (cls[:, None] == cls[None, :]).float()
-    loss = _multi_positive_ce(sim, target)
+def _entity_loss(entity, feats: Features, rows: torch.Tensor, config: HeadsTrainConfig,
+                 gen: torch.Generator) -> torch.Tensor:
+    neg, cls, partner = _pairs_with_partners(feats, rows)
+    img = torch.cat([feats.images[rows], feats.neg_images[neg]] if neg.numel() else [feats.images[rows]]).float()
+    def side(pos: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
+        parts = [pos[rows]] + ([negative[neg]] if neg.numel() else [])
+        width = max(p.shape[1] for p in parts)
+        return torch.cat([_fit_len(p, width) for p in parts])
 
-    # ITM: positives, then for each image its most confusable wrong text and vice versa.
-    logits = entity.matcher(out).view(b, b, 2)
-    with torch.no_grad():
-        hard = sim.detach().masked_fill(target.bool(), float("-inf"))
-        has_neg = torch.isfinite(hard).any(1)
-        text_for_image = hard.argmax(1)
-        image_for_text = hard.argmax(0)
-    idx = torch.arange(b)
-    itm_logits = [logits[idx, idx], logits[idx[has_neg], text_for_image[has_neg]],
-                  logits[image_for_text[has_neg], idx[has_neg]]]
-    itm_labels = [torch.ones(b), torch.zeros(int(has_neg.sum())), torch.zeros(int(has_neg.sum()))]
-    # The data's own hard negatives: the look-alike's name and explanation for this image.
-    if feats.neg_captions is not None and feats.has_neg_caption[rows].any():
-        neg = rows[feats.has_neg_caption[rows]]
-        keep = feats.has_neg_caption[rows]
-        extra = entity.experts(img[keep], feats.neg_captions[neg].float(), feats.neg_caption_mask[neg],
-                               feats.neg_explanations[neg].float(), feats.neg_explanation_mask[neg])
-        itm_logits.append(entity.matcher(extra))
-        itm_labels.append(torch.zeros(int(keep.sum())))
-    itm = F.cross_entropy(torch.cat(itm_logits), torch.cat(itm_labels).long())
-    return loss + config.itm_weight * itm
-
-
-def _multi_positive_ce(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over rows and columns; rows or columns without a positive are left out."""
-    def side(s, t):
-        keep = t.sum(1) > 0
-        s, t = s[keep], t[keep]
-        return -(F.log_softmax(s, dim=1) * t / t.sum(1, keepdim=True)).sum(1).mean()
-    return (side(scores, target) + side(scores.T, target.T)) / 2
+    cap, cmask = side(feats.captions, feats.neg_captions), side(feats.caption_mask, feats.neg_caption_mask)
+    exp = side(feats.explanations, feats.neg_explanations)
+    emask = side(feats.explanation_mask, feats.neg_explanation_mask)
+    cap, exp = cap.float(), exp.float()
+    width = int(cmask.sum(1).max())
+    cap, cmask = cap[:, :width], cmask[:, :width]
+    n = cls.numel()
+    same = cls[:, None] == cls[None, :]
+    idx = torch.arange(n)
+    contrastive, itm = 0.0, 0.0
+    for anchor_is_image in (True, False):
+        cand, valid = _candidates(idx, partner, n, same, config.random_negatives, gen)
+        a = idx[:, None].expand_as(cand).reshape(-1)
+        c = cand.reshape(-1)
+        i_idx, t_idx = (a, c) if anchor_is_image else (c, a)
+        out = entity.experts(img, cap, cmask, exp, emask, pairs=(i_idx, t_idx))
+        sim = (out.image_star * out.text_star).sum(-1).view(n, -1) / config.entity_temperature
+        contrastive = contrastive + _ce_first(sim, valid)
+        # ITM on the positive, the hard partner and the most confusable random candidate.
+        logits = entity.matcher(out).view(n, -1, 2)
+        with torch.no_grad():
+            rand_sim = sim[:, 2:].masked_fill(~valid[:, 2:], float("-inf"))
+            hardest = 2 + rand_sim.argmax(1)
+            has_rand = valid[:, 2:].any(1)
+        picks = [logits[idx, 0], logits[idx[valid[:, 1]], 1], logits[idx[has_rand], hardest[has_rand]]]
+        labels = [torch.ones(n), torch.zeros(int(valid[:, 1].sum())), torch.zeros(int(has_rand.sum()))]
+        itm = itm + F.cross_entropy(torch.cat(picks), torch.cat(labels).long())
+    return (contrastive + config.itm_weight * itm) / 2
 
 
 # -- features ---------------------------------------------------------------------------------

@@ -1,0 +1,187 @@
+"""``clipmatch eval``: what each head is worth, per phenomenon, on the synthetic test split.
+
+Runs the served path (an export loaded with the SDK runtime), not PyTorch.
+Two protocols:
+
+1. image -> K captions: one test image, its true caption and that caption's
+   hard negatives; correct when the true caption scores highest.
+2. text -> image: a gallery of test images; each query's cosine top-K is
+   rescored; R@1 and R@5 count a hit when the retrieved image *satisfies* the
+   query (checked on the scene's logical form), not only when it is the
+   query's own image, since many images fit "a red circle".
+
+Columns: chance, CLIP cosine, DCSM, MMAE/GI-ITM (match probability, reading
+the KB explanation of each candidate caption for entity rows) and a combined
+score: the sum of the three scores, each z-scored within its candidate list,
+so no head's scale dominates. (Fusion weights fitted on validation data come
+with the search pipeline.)
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from clipmatch.matcher import Matcher
+
+from .synth.dataset import make_examples
+from .synth.entities import HELD_OUT_ENTITIES, knowledge_base
+from .synth.forms import satisfies
+from .synth.world import render
+
+ROWS = ("basic", "binding", "spatial", "negation", "entity (seen)", "entity (held-out)")
+COLUMNS = ("chance", "cosine", "dcsm", "mmae_itm", "combined")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    seed: int = 20261123  # differs from every training seed
+    per_row: int = 200  # protocol 1 examples per row
+    gallery_size: int = 1200  # protocol 2 gallery
+    queries_per_row: int = 150
+    shortlist: int = 20  # cosine top-K that the heads rescore
+
+
+def row_of(example) -> str:
+    if example.phenomenon != "entity":
+        return example.phenomenon
+    return "entity (held-out)" if example.entity in HELD_OUT_ENTITIES else "entity (seen)"
+
+
+def _examples(n_per_row: int, seed: int) -> dict[str, list]:
+    """Test examples bucketed by row; entity examples drawn until both entity rows are full."""
+    rows: dict[str, list] = {r: [] for r in ROWS}
+    for phenomenon in ("basic", "binding", "spatial", "negation"):
+        rows[phenomenon] = make_examples("test", n_per_row, seed, phenomena=(phenomenon,))
+    attempt = 0
+    while min(len(rows["entity (seen)"]), len(rows["entity (held-out)"])) < n_per_row and attempt < 20:
+        for ex in make_examples("test", 2 * n_per_row, seed + 7919 * (attempt + 1), phenomena=("entity",)):
+            bucket = rows[row_of(ex)]
+            if len(bucket) < n_per_row:
+                bucket.append(ex)
+        attempt += 1
+    return rows
+
+
+def _explanation(caption: str, example) -> str | None:
+    """The KB explanation for an entity caption, found by the entity name it mentions."""
+    if example.phenomenon != "entity":
+        return None
+    kb = _kb()
+    for name, text in kb.items():
+        if name in caption:
+            return text
+    return None
+
+
+_KB: dict[str, str] | None = None
+
+
+def _kb() -> dict[str, str]:
+    global _KB
+    if _KB is None:
+        # Longest names first, so "Orrin-12 pump" is not found inside "Orrin-120 pump".
+        _KB = dict(sorted(knowledge_base().items(), key=lambda kv: -len(kv[0])))
+    return _KB
+
+
+def _z(x: np.ndarray) -> np.ndarray:
+    return (x - x.mean()) / (x.std() + 1e-6)
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def _scores(matcher: Matcher, captions: Sequence[str], explanations: Sequence[str | None], images) -> dict[str, np.ndarray]:
+    """Every column's score for each (caption, image) candidate pair, as (len(captions), len(images))."""
+    cos = np.zeros((len(captions), len(images)))
+    dcsm = np.zeros_like(cos)
+    itm = np.zeros_like(cos)
+    for i, (caption, expl) in enumerate(zip(captions, explanations)):
+        r = matcher.rescore(caption, images, explanation=expl)
+        cos[i], dcsm[i], itm[i] = r.cosine, r.dcsm, r.match_prob
+    return {"cosine": cos, "dcsm": dcsm, "mmae_itm": itm}
+
+
+def image_to_captions(matcher: Matcher, rows: dict[str, list]) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    for row, examples in rows.items():
+        hits = {c: 0 for c in COLUMNS[1:]}
+        chance = 0.0
+        for ex in examples:
+            image = matcher.encode_images([render(ex.scene)])
+            captions = [ex.caption, *ex.negative_captions]
+            s = _scores(matcher, captions, [_explanation(c, ex) for c in captions], image)
+            cols = {k: v[:, 0] for k, v in s.items()}
+            cols["combined"] = _z(cols["cosine"]) + _z(cols["dcsm"]) + _z(_logit(cols["mmae_itm"]))
+            for name, v in cols.items():
+                hits[name] += int(np.argmax(v) == 0 and (v[0] > v[1:]).all())  # ties count as misses
+            chance += 1 / len(captions)
+        n = max(1, len(examples))
+        table[row] = {"chance": chance / n, **{k: v / n for k, v in hits.items()}, "n": len(examples)}
+    return table
+
+
+def text_to_image(matcher: Matcher, rows: dict[str, list], config: EvalConfig) -> dict[str, dict[str, dict[str, float]]]:
+    # The gallery: test images of every row, so queries meet distractors of all kinds.
+    pool = [ex for examples in rows.values() for ex in examples]
+    rng = np.random.default_rng(config.seed)
+    gallery_ex = [pool[i] for i in rng.permutation(len(pool))[:config.gallery_size]]
+    gallery = matcher.encode_images([render(ex.scene) for ex in gallery_ex])
+    scenes = [ex.scene for ex in gallery_ex]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    k = min(config.shortlist, len(gallery_ex))
+    for row in ROWS:
+        queries = [ex for ex in gallery_ex if row_of(ex) == row][:config.queries_per_row]
+        recall = {c: {"r1": 0.0, "r5": 0.0} for c in COLUMNS}
+        for ex in queries:
+            relevant = np.array([satisfies(s, ex.form) for s in scenes])
+            r = int(relevant.sum())
+            n = len(scenes)
+            recall["chance"]["r1"] += r / n
+            recall["chance"]["r5"] += 1 - math.comb(n - r, 5) / math.comb(n, 5)
+            cosine = matcher.cosine(gallery, [ex.caption])[:, 0]
+            order = np.argsort(-cosine, kind="stable")
+            short = order[:k]
+            res = matcher.rescore(ex.caption, gallery[short], explanation=_explanation(ex.caption, ex))
+            cols = {"cosine": res.cosine, "dcsm": res.dcsm, "mmae_itm": res.match_prob}
+            cols["combined"] = _z(res.cosine) + _z(res.dcsm) + _z(_logit(res.match_prob))
+            for name, v in cols.items():
+                ranked = np.concatenate([short[np.argsort(-v, kind="stable")], order[k:]])
+                recall[name]["r1"] += float(relevant[ranked[0]])
+                recall[name]["r5"] += float(relevant[ranked[:5]].any())
+        q = max(1, len(queries))
+        out[row] = {c: {m: v / q for m, v in rv.items()} for c, rv in recall.items()}
+        out[row]["n"] = {"queries": len(queries), "gallery": len(scenes)}
+    return out
+
+
+def evaluate(matcher: Matcher, config: EvalConfig = EvalConfig()) -> dict:
+    rows = _examples(config.per_row, config.seed)
+    return {"config": asdict(config), "image_to_captions": image_to_captions(matcher, rows),
+            "text_to_image": text_to_image(matcher, rows, config)}
+
+
+def format_markdown(result: dict) -> str:
+    head = "| row | chance | CLIP cosine | DCSM | MMAE/GI-ITM | combined |\n|---|---|---|---|---|---|"
+    lines = ["**Image -> K captions** (accuracy: the true caption scores highest; n examples per row)", "", head]
+    for row, v in result["image_to_captions"].items():
+        lines.append(f"| {row} (n={v['n']}) | " + " | ".join(f"{v[c]:.3f}" for c in COLUMNS) + " |")
+    t2i = result["text_to_image"]
+    gallery = next(iter(t2i.values()))["n"]["gallery"]
+    lines += ["", f"**Text -> image** (R@1 / R@5 over a {gallery}-image test gallery; heads rescore the cosine "
+              f"top-{result['config']['shortlist']})", "", head]
+    for row, v in t2i.items():
+        lines.append(f"| {row} (q={v['n']['queries']}) | " +
+                     " | ".join(f"{v[c]['r1']:.3f} / {v[c]['r5']:.3f}" for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2) + "\n")
