@@ -186,7 +186,7 @@ def cmd_rank(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(workdir=args.workdir, repeats=args.repeats)
+    return run_demo(workdir=args.workdir, repeats=args.repeats, tiny=args.tiny)
 
 
 def _load_configs(locations):
@@ -203,9 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipmatch", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("demo", help="tiny model end to end: export, load, score, ranking and latency")
+    s = sub.add_parser("demo", help="the default model end to end: export, load, query, rankings and latency")
     s.add_argument("--workdir", type=Path, default=None, help="where to build (default: a temporary folder)")
     s.add_argument("--repeats", type=int, default=20, help="timed repeats per latency figure")
+    s.add_argument("--tiny", action="store_true", help="a tiny random model built on the spot instead")
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("tiny", help="write a tiny random CLIP checkpoint")

@@ -140,3 +140,44 @@ def test_cli_train_reports_bad_lines(dataset, tmp_path):
     run = subprocess.run([PYTHON, "-m", "clipmatch.cli", "train", "clip", str(path), str(tmp_path / "m"),
                           "--epochs", "0"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 2 and "cli_bad.jsonl:13: not valid JSON" in run.stderr, run.stderr[-1500:]
+
+
+def test_token_loss_prefers_pairs_whose_words_are_in_the_image():
+    from clipmatch_export.train.clip_trainer import token_loss
+
+    g = torch.Generator().manual_seed(0)
+    unit = lambda *s: torch.nn.functional.normalize(torch.randn(*s, generator=g), dim=-1)
+    img = unit(4, 9, 8)
+    words = img[:, [1, 4, 6]] + 0.05 * unit(4, 3, 8)  # text i's words are patches of image i
+    mask = torch.ones(4, 3, dtype=torch.long)
+    ids = torch.arange(4)
+    scale = torch.tensor(2.0)
+    aligned = token_loss(img, torch.nn.functional.normalize(words, dim=-1), mask, scale, ids, ids)
+    shuffled = token_loss(img, torch.nn.functional.normalize(words[[1, 2, 3, 0]], dim=-1), mask, scale, ids, ids)
+    assert aligned < shuffled
+
+
+def test_anonymised_copies_swap_names_consistently(dataset):
+    from clipmatch_export.train.data import Record
+    from clipmatch_export.train.heads_trainer import anonymised_copies
+
+    r = Record(1, dataset.parent / "images" / "0.png", "a photo of the Kestrel-7 valve",
+               "the Kestrel-7 valve is a blue circle with yellow stripes", ("the Orrin pump",),
+               extra={"negative_explanations": ["the Orrin pump is a blue circle with red dots"]})
+    plain = Record(2, r.image, "a red circle")
+    (copy,) = anonymised_copies([r, plain], seed=0)
+    new_name = copy.caption.split("the ")[1].split(" valve")[0]
+    assert "Kestrel" not in copy.caption + copy.explanation and new_name != "Kestrel-7"
+    assert copy.explanation == f"the {new_name} valve is a blue circle with yellow stripes"
+    other = copy.negative_captions[0].split("the ")[1].split(" pump")[0]
+    assert other not in ("Orrin", new_name)
+    assert copy.extra["negative_explanations"] == [f"the {other} pump is a blue circle with red dots"]
+
+
+def test_knowledge_base_gives_lookalikes_their_explanations(dataset):
+    path = dataset.parent / "neg.jsonl"
+    path.write_text(json.dumps({"image": "images/0.png", "caption": "the Y-2", "entity": "Y-2",
+                                "negative_captions": ["the Y-20", "the Z-3"]}) + "\n")
+    kb = {"Y-2": "a green square", "Y-20": "a green square with dots", "Z-3": "a red cross"}
+    records, _ = read_jsonl(path, knowledge_base=kb)
+    assert records[0].extra["negative_explanations"] == ["a green square with dots", "a red cross"]

@@ -107,10 +107,17 @@ def train_clip(records: Sequence[Record], out_dir: str | Path, config: ClipTrain
             step = epoch * steps_per_epoch + b
             for g in optimizer.param_groups:
                 g["lr"] = cosine_lr(step, total, config.lr, config.warmup_steps)
-            img, _ = image_tower(pixels[image_index[rows]].float())
+            img, img_tokens = image_tower(pixels[image_index[rows]].float())
             width = int(mask[rows].sum(1).max())
-            txt, _ = text_tower(ids[rows, :width], mask[rows, :width])
+            txt, txt_tokens = text_tower(ids[rows, :width], mask[rows, :width])
             loss = contrastive_loss(img, txt, model.logit_scale, text_class[rows], image_index[rows])
+            if config.token_loss_weight:
+                # On a sub-batch: the (B, B, P, T) map grows with B squared, and a
+                # smaller batch is enough to shape the token space.
+                sub = slice(0, config.token_loss_batch)
+                loss = loss + config.token_loss_weight * token_loss(
+                    img_tokens[sub], txt_tokens[sub], mask[rows, :width][sub], model.logit_scale,
+                    text_class[rows][sub], image_index[rows][sub])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -140,6 +147,31 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Te
     loss_i = -(F.log_softmax(logits, dim=1) * targets / targets.sum(1, keepdim=True)).sum(1).mean()
     loss_t = -(F.log_softmax(logits.T, dim=1) * targets.T / targets.T.sum(1, keepdim=True)).sum(1).mean()
     return (loss_i + loss_t) / 2
+
+
+def token_loss(img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: torch.Tensor, logit_scale: torch.Tensor,
+               text_class: torch.Tensor, image_id: torch.Tensor) -> torch.Tensor:
+    """Token-level (FILIP-style) contrastive term.
+
+    The pooled loss never trains the last layer's patch outputs nor the
+    projected text tokens, yet DCSM and the experts read exactly those. Here a
+    pair's similarity is the mean over its words of the best-matching patch
+    (and over patches of the best-matching word), so patches and words are
+    pulled into one space and the dense map carries local evidence.
+    """
+    s = torch.einsum("ipd,jtd->ijpt", img_tokens, txt_tokens)  # (B, B, P, T) cosines
+    real = txt_mask.bool()[None, :, None, :]  # (1, B, 1, T)
+    words = s.masked_fill(~real, -2.0).amax(dim=2)  # (B, B, T) best patch per word
+    t2i = (words * txt_mask[None]).sum(-1) / txt_mask.sum(-1)[None]  # (B, B)
+    i2t = s.masked_fill(~real, -2.0).amax(dim=3).mean(-1)  # (B, B) best word per patch
+    positive = (text_class[:, None] == text_class[None, :]) | (image_id[:, None] == image_id[None, :])
+    targets = positive.float()
+    loss = 0.0
+    for sim in (t2i, i2t):
+        logits = logit_scale.exp() * sim
+        loss = loss - (F.log_softmax(logits, 1) * targets / targets.sum(1, keepdim=True)).sum(1).mean() / 2
+        loss = loss - (F.log_softmax(logits.T, 1) * targets.T / targets.T.sum(1, keepdim=True)).sum(1).mean() / 2
+    return loss / 2
 
 
 def _fresh_model(config: ClipTrainConfig, tokenizer: ClipTokenizer) -> CLIPModel:

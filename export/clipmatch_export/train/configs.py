@@ -25,6 +25,8 @@ class ClipTrainConfig:
     warmup_steps: int = 100
     seed: int = 0
     explanations_as_captions: bool = True  # (image, explanation) pairs teach the look words
+    token_loss_weight: float = 1.0  # FILIP-style word-patch term: trains the tokens the heads read
+    token_loss_batch: int = 32  # rows of each batch the token term sees (its cost grows with rows squared)
 
 
 @dataclass(frozen=True)
@@ -40,4 +42,8 @@ class HeadsTrainConfig:
     warmup_steps: int = 50
     entity_temperature: float = 0.05
     itm_weight: float = 1.0
+    # Entity records are also trained with the name swapped for a fresh invented
+    # one (in caption and explanation alike): the heads must then match through
+    # the explanation, which is all they have for an entity never seen by name.
+    anonymised_entities: bool = True
     seed: int = 0

@@ -110,11 +110,21 @@ def _parse(line: str, number: int, root: Path, kb: Mapping[str, str] | None, max
     negatives = obj.get("negative_captions") or []
     if not isinstance(negatives, list) or not all(isinstance(n, str) and n.strip() for n in negatives):
         raise fail(f"'negative_captions' must be a list of non-empty strings, got {negatives!r}")
+    extra_fields: dict[str, Any] = {}
+    if kb is not None and entity is not None and negatives:
+        # The look-alikes' own explanations: what tells them apart from this entity.
+        extra_fields["negative_explanations"] = [_kb_explanation(n, kb) for n in negatives]
     negative_image = obj.get("negative_image")
     negative_path = _existing(root, negative_image, fail) if negative_image is not None else None
     known = {"image", "caption", "explanation", "negative_captions", "negative_image"}
     return Record(number, image, caption, explanation, tuple(negatives), negative_path,
-                  {k: v for k, v in obj.items() if k not in known})
+                  {k: v for k, v in obj.items() if k not in known} | extra_fields)
+
+
+def _kb_explanation(text: str, kb: Mapping[str, str]) -> str | None:
+    """The explanation of the longest knowledge-base name that ``text`` mentions."""
+    found = [name for name in kb if name in text]
+    return kb[max(found, key=len)] if found else None
 
 
 def _existing(root: Path, rel: Any, fail) -> Path:

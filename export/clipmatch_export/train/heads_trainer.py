@@ -17,8 +17,10 @@ most confusable random candidate.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,6 +76,8 @@ def train_heads(records: Sequence[Record], model_dir: str | Path, config: HeadsT
     heads_config = heads_config_for(clip.config, num_experts=config.num_experts,
                                     dcsm_text_length=config.dcsm_text_length)
     heads = build_heads(heads_config, seed=config.seed)
+    if config.anonymised_entities:
+        records = list(records) + anonymised_copies(records, config.seed)
     t0 = time.perf_counter()
     feats = compute_features(records, clip, tokenizer, ImageConfig.from_preprocessor_config(files.preprocessor_config),
                              heads_config.functional_words, progress=progress)
@@ -239,6 +243,40 @@ def _entity_loss(entity, feats: Features, rows: torch.Tensor, config: HeadsTrain
         labels = [torch.ones(n), torch.zeros(int(valid[:, 1].sum())), torch.zeros(int(has_rand.sum()))]
         itm = itm + F.cross_entropy(torch.cat(picks), torch.cat(labels).long())
     return (contrastive + config.itm_weight * itm) / 2
+
+
+# -- name-swapped copies ---------------------------------------------------------------------------
+
+# Entity names are the capitalised words of otherwise lower-case captions
+# ("the Kestrel-7 valve"); only records with an explanation are copied.
+_NAME = re.compile(r"\b[A-Z][A-Za-z]*(?:-\d+)?")
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def _invented_name(rng: np.random.Generator) -> str:
+    word = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4)))).capitalize()
+    return f"{word}-{int(rng.integers(1, 10))}" if rng.random() < 0.5 else word
+
+
+def anonymised_copies(records: Sequence[Record], seed: int) -> list[Record]:
+    """Entity records again, every name swapped for a fresh invented one, consistently
+    within the record (caption, explanation, negatives and their explanations)."""
+    rng = np.random.default_rng(seed + 31)
+    out = []
+    for r in records:
+        if not r.explanation or not _NAME.search(r.caption):
+            continue
+        names: dict[str, str] = {}
+
+        def swap(text: str | None) -> str | None:
+            return None if text is None else _NAME.sub(lambda m: names.setdefault(m.group(0), _invented_name(rng)), text)
+
+        extra = dict(r.extra)
+        if extra.get("negative_explanations"):
+            extra["negative_explanations"] = [swap(e) for e in extra["negative_explanations"]]
+        out.append(dataclasses.replace(r, caption=swap(r.caption), explanation=swap(r.explanation),
+                                       negative_captions=tuple(swap(n) for n in r.negative_captions), extra=extra))
+    return out
 
 
 # -- features ---------------------------------------------------------------------------------
