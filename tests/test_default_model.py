@@ -29,12 +29,11 @@ def test_recipe_and_size_are_recorded():
     assert size <= 20 * 2**20, size
 
 
-# The two papers' effects are not there yet in this default model (see README,
-# "The default model"): its patch tokens do not localise (word-to-object-patch
-# cosine is no higher than word-to-background), so DCSM reads maps without
-# the evidence it needs, and the entity heads lean on names they have seen.
-# Strict xfails: the suite fails the day these start to hold, so they get promoted.
-NOT_YET = "default model's dense maps do not localise yet (issue 3 open)"
+# The two papers' effects are not there yet in this default model (README, "The
+# default model"): DCSM does not beat cosine on its dense maps, and the entity
+# heads do not carry held-out names through their explanations. Strict xfails:
+# the suite fails the day these start to hold, so they get promoted.
+NOT_YET = "the default model's heads do not beat cosine yet (issue 3 open)"
 
 
 @pytest.mark.xfail(strict=True, reason=NOT_YET)

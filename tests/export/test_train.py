@@ -181,3 +181,40 @@ def test_knowledge_base_gives_lookalikes_their_explanations(dataset):
     kb = {"Y-2": "a green square", "Y-20": "a green square with dots", "Z-3": "a red cross"}
     records, _ = read_jsonl(path, knowledge_base=kb)
     assert records[0].extra["negative_explanations"] == ["a green square with dots", "a red cross"]
+
+
+def test_localisation_targets_point_words_at_their_objects(tiny_model_dir):
+    from clipmatch.tokenizer import ClipTokenizer
+    from clipmatch_export.train.localise import word_patch_targets
+
+    tok = ClipTokenizer.from_dir(tiny_model_dir)
+    scene = {"objects": [{"shape": "circle", "colour": "red", "size": "big", "x": 16, "y": 32},
+                         {"shape": "square", "colour": "blue", "size": "big", "x": 48, "y": 32}]}
+    texts = ["a red circle left of a blue square", "a red circle and no blue square", "a red circle"]
+    t = word_patch_targets(texts, [scene, scene, None], tok, 16, 64, 8)
+    grid = lambda row: row[1:].reshape(8, 8)
+    from clipmatch_export.train.localise import _word_per_token
+
+    words = _word_per_token(tok, texts[0])  # the word each token belongs to
+    red, circle, blue = (grid(t[0, words.index(w)]) for w in ("red", "circle", "blue"))
+    assert red.any() and torch.equal(red, circle)
+    # Radius-10 objects at (16, 32) and (48, 32): the 8-px patches whose centres lie within 10 px.
+    assert red.nonzero().tolist() == [[3, 1], [3, 2], [4, 1], [4, 2]]
+    assert blue.nonzero().tolist() == [[3, 5], [3, 6], [4, 5], [4, 6]]
+    assert not t[0, :, 0].any()  # never the CLS token
+    after_no = t[1, _word_per_token(tok, texts[1]).index("no") + 1:]
+    assert not after_no.any() and t[1].any()  # the absent blue square teaches nothing
+    assert not t[2].any()  # no scene, no targets
+
+
+def test_localisation_loss_rewards_words_on_their_object():
+    from clipmatch_export.train.localise import localisation_loss
+
+    g = torch.Generator().manual_seed(1)
+    img = torch.nn.functional.normalize(torch.randn(2, 10, 8, generator=g), dim=-1)
+    target = torch.zeros(2, 3, 10, dtype=torch.bool)
+    target[:, 1, 4:6] = True  # word 1 names the object on patches 4 and 5
+    on_object = img[:, [0, 4, 0]]
+    on_background = img[:, [0, 8, 0]]
+    scale = torch.tensor(2.0)
+    assert localisation_loss(img, on_object, target, scale) < localisation_loss(img, on_background, target, scale)

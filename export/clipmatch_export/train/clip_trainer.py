@@ -31,6 +31,7 @@ from ..tokenizer_build import train_clip_tokenizer
 from ..towers import ImageTower, TextTower
 from .configs import ClipTrainConfig
 from .data import Record
+from .localise import localisation_loss, word_patch_targets
 from .loop import Progress, cosine_lr, make_optimizer, seeded
 from .state import clear_state, load_state, save_state
 
@@ -84,6 +85,11 @@ def train_clip(records: Sequence[Record], out_dir: str | Path, config: ClipTrain
     # positives for each other, not negatives, in the contrastive targets.
     _, text_class = np.unique(np.asarray(texts), return_inverse=True)
     text_class = torch.from_numpy(text_class)
+    vision = model.config.vision_config
+    targets = None
+    if config.localise_weight and any(r.extra.get("scene") for r in records):
+        targets = word_patch_targets(texts, [records[i].extra.get("scene") for i, _ in pairs], tokenizer,
+                                     ids.shape[1], vision.image_size, vision.patch_size)
 
     image_tower, text_tower = ImageTower(model), TextTower(model)
     optimizer = make_optimizer(model, config.lr, config.weight_decay)
@@ -118,6 +124,9 @@ def train_clip(records: Sequence[Record], out_dir: str | Path, config: ClipTrain
                 loss = loss + config.token_loss_weight * token_loss(
                     img_tokens[sub], txt_tokens[sub], mask[rows, :width][sub], model.logit_scale,
                     text_class[rows][sub], image_index[rows][sub])
+            if targets is not None:
+                loss = loss + config.localise_weight * localisation_loss(
+                    img_tokens, txt_tokens, targets[rows, :width], model.logit_scale)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -27,6 +27,9 @@ class ClipTrainConfig:
     explanations_as_captions: bool = True  # (image, explanation) pairs teach the look words
     token_loss_weight: float = 1.0  # FILIP-style word-patch term: trains the tokens the heads read
     token_loss_batch: int = 32  # rows of each batch the token term sees (its cost grows with rows squared)
+    # Word-to-object-patch term, for data whose records carry a ``scene`` (the synthetic world):
+    # it makes the dense map local, which DCSM and the experts read. No scenes, no term.
+    localise_weight: float = 1.0
 
 
 @dataclass(frozen=True)
