@@ -218,3 +218,17 @@ def test_localisation_loss_rewards_words_on_their_object():
     on_background = img[:, [0, 8, 0]]
     scale = torch.tensor(2.0)
     assert localisation_loss(img, on_object, target, scale) < localisation_loss(img, on_background, target, scale)
+
+
+def test_captions_longer_than_the_context_name_their_line(dataset, tmp_path, capsys):
+    from clipmatch_export.train.clip_trainer import train_clip
+
+    long_caption = " ".join(["a red circle"] * 20)  # far over TINY's 24-token context
+    path = dataset.parent / "long.jsonl"
+    path.write_text(dataset.read_text() + json.dumps({"image": "images/0.png", "caption": long_caption}) + "\n")
+    records, _ = read_jsonl(path)
+    config = ClipTrainConfig(**{**TINY.__dict__, "epochs": 1})
+    with pytest.raises(DatasetError, match=r"longer than the 24-token context, first on lines \[13\]"):
+        train_clip(records, tmp_path / "strict", config, progress=False)
+    assert train_clip(records, tmp_path / "lenient", config, skip_bad=True, progress=False) is not None
+    assert "skipped 1 over-long texts (lines [13]" in capsys.readouterr().out
