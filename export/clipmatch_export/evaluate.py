@@ -32,6 +32,7 @@ from .synth.dataset import make_examples
 from .synth.entities import HELD_OUT_ENTITIES, knowledge_base
 from .synth.forms import satisfies
 from .synth.world import render
+from .train.data import kb_explanation
 
 ROWS = ("basic", "binding", "spatial", "negation", "entity (seen)", "entity (held-out)")
 COLUMNS = ("chance", "cosine", "dcsm", "mmae_itm", "combined")
@@ -69,24 +70,10 @@ def _examples(n_per_row: int, seed: int) -> dict[str, list]:
 
 def _explanation(caption: str, example) -> str | None:
     """The KB explanation for an entity caption, found by the entity name it mentions."""
-    if example.phenomenon != "entity":
-        return None
-    kb = _kb()
-    for name, text in kb.items():
-        if name in caption:
-            return text
-    return None
+    return kb_explanation(caption, _KB) if example.phenomenon == "entity" else None
 
 
-_KB: dict[str, str] | None = None
-
-
-def _kb() -> dict[str, str]:
-    global _KB
-    if _KB is None:
-        # Longest names first, so "Orrin-12 pump" is not found inside "Orrin-120 pump".
-        _KB = dict(sorted(knowledge_base().items(), key=lambda kv: -len(kv[0])))
-    return _KB
+_KB = knowledge_base()
 
 
 def _z(x: np.ndarray) -> np.ndarray:

@@ -91,9 +91,7 @@ def run_default_demo(model_dir: Path, workdir: Path | None, repeats: int, galler
         t0 = time.perf_counter()
         result = export_model(model_dir, root / "export")
         print(f"exported and parity-checked {model_dir} in {time.perf_counter() - t0:.1f} s")
-        for name in result.manifest.components:
-            print(f"  {name:13s} ONNX vs PyTorch max|diff| fp32 {result.report.worst(name, 'fp32'):.1e}, "
-                  f"fp16 {result.report.worst(name, 'fp16'):.1e}")
+        _print_parity(result)
         matcher = Local(root / "export")
         rows = _examples(gallery_size // 6 + 1, seed=4242)
         pool = [ex for examples in rows.values() for ex in examples][:gallery_size]
@@ -117,6 +115,12 @@ def run_default_demo(model_dir: Path, workdir: Path | None, repeats: int, galler
         _latency(matcher, [render(ex.scene) for ex in pool[:8]], gallery[:20], pool[0].caption,
                  repeats)
     return 0
+
+
+def _print_parity(result) -> None:
+    for name in result.manifest.components:
+        print(f"  {name:13s} ONNX vs PyTorch max|diff| fp32 {result.report.worst(name, 'fp32'):.1e}, "
+              f"fp16 {result.report.worst(name, 'fp16'):.1e}")
 
 
 def _latency(matcher, images, shortlist, query: str, repeats: int) -> None:
@@ -152,9 +156,7 @@ def run_tiny_demo(workdir: Path | None = None, repeats: int = 20) -> int:
         result = export_model(model_dir, root / "export")
         print(f"built, exported and parity-checked a tiny random CLIP in {time.perf_counter() - t0:.1f} s "
               f"({root / 'export'})")
-        for name in result.manifest.components:
-            print(f"  {name:13s} ONNX vs PyTorch max|diff| fp32 {result.report.worst(name, 'fp32'):.1e}, "
-                  f"fp16 {result.report.worst(name, 'fp16'):.1e}")
+        _print_parity(result)
 
         matcher = Local(root / "export")
         images = [np.asarray(draw(colour, shape)) for _, colour, shape in SHAPES]

@@ -150,9 +150,12 @@ def train_clip(records: Sequence[Record], out_dir: str | Path, config: ClipTrain
 def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, logit_scale: torch.Tensor,
                      text_class: torch.Tensor, image_id: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE with multi-positive targets: same text or same image counts as a match."""
-    logits = logit_scale.exp() * img @ txt.T  # (B, B)
-    positive = (text_class[:, None] == text_class[None, :]) | (image_id[:, None] == image_id[None, :])
-    targets = positive.float()
+    return _multi_positive_ce(logit_scale.exp() * img @ txt.T, text_class, image_id)
+
+
+def _multi_positive_ce(logits: torch.Tensor, text_class: torch.Tensor, image_id: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over rows and over columns of (B, B) logits, spread evenly over every positive."""
+    targets = ((text_class[:, None] == text_class[None, :]) | (image_id[:, None] == image_id[None, :])).float()
     loss_i = -(F.log_softmax(logits, dim=1) * targets / targets.sum(1, keepdim=True)).sum(1).mean()
     loss_t = -(F.log_softmax(logits.T, dim=1) * targets.T / targets.T.sum(1, keepdim=True)).sum(1).mean()
     return (loss_i + loss_t) / 2
@@ -173,14 +176,8 @@ def token_loss(img_tokens: torch.Tensor, txt_tokens: torch.Tensor, txt_mask: tor
     words = s.masked_fill(~real, -2.0).amax(dim=2)  # (B, B, T) best patch per word
     t2i = (words * txt_mask[None]).sum(-1) / txt_mask.sum(-1)[None]  # (B, B)
     i2t = s.masked_fill(~real, -2.0).amax(dim=3).mean(-1)  # (B, B) best word per patch
-    positive = (text_class[:, None] == text_class[None, :]) | (image_id[:, None] == image_id[None, :])
-    targets = positive.float()
-    loss = 0.0
-    for sim in (t2i, i2t):
-        logits = logit_scale.exp() * sim
-        loss = loss - (F.log_softmax(logits, 1) * targets / targets.sum(1, keepdim=True)).sum(1).mean() / 2
-        loss = loss - (F.log_softmax(logits.T, 1) * targets.T / targets.T.sum(1, keepdim=True)).sum(1).mean() / 2
-    return loss / 2
+    scale = logit_scale.exp()
+    return (_multi_positive_ce(scale * t2i, text_class, image_id) + _multi_positive_ce(scale * i2t, text_class, image_id)) / 2
 
 
 def _fresh_model(config: ClipTrainConfig, tokenizer: ClipTokenizer) -> CLIPModel:

@@ -113,7 +113,7 @@ def _parse(line: str, number: int, root: Path, kb: Mapping[str, str] | None, max
     extra_fields: dict[str, Any] = {}
     if kb is not None and entity is not None and negatives:
         # The look-alikes' own explanations: what tells them apart from this entity.
-        extra_fields["negative_explanations"] = [_kb_explanation(n, kb) for n in negatives]
+        extra_fields["negative_explanations"] = [kb_explanation(n, kb) for n in negatives]
     negative_image = obj.get("negative_image")
     negative_path = _existing(root, negative_image, fail) if negative_image is not None else None
     known = {"image", "caption", "explanation", "negative_captions", "negative_image"}
@@ -121,8 +121,14 @@ def _parse(line: str, number: int, root: Path, kb: Mapping[str, str] | None, max
                   {k: v for k, v in obj.items() if k not in known} | extra_fields)
 
 
-def _kb_explanation(text: str, kb: Mapping[str, str]) -> str | None:
-    """The explanation of the longest knowledge-base name that ``text`` mentions."""
+def kb_explanation(text: str, kb: Mapping[str, str]) -> str | None:
+    """The explanation of the longest knowledge-base name that ``text`` mentions.
+
+    Longest, so "Orrin-12 pump" is not taken for the "Orrin-120 pump" that contains it.
+
+    >>> kb_explanation("a photo of the Y-20", {"Y-2": "a square", "Y-20": "a cross"})
+    'a cross'
+    """
     found = [name for name in kb if name in text]
     return kb[max(found, key=len)] if found else None
 

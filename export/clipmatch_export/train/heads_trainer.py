@@ -178,17 +178,23 @@ def _pairs_with_partners(feats: Features, rows: torch.Tensor):
     return neg, cls, partner
 
 
+def _with_negatives(pos: torch.Tensor, negative: torch.Tensor | None, rows: torch.Tensor, neg: torch.Tensor,
+                    width: int | None = None) -> torch.Tensor:
+    """The batch's positives, then its hard negatives, cut or zero-padded to one length along axis 1
+    (``width``, or the longest of the two)."""
+    parts = [pos[rows]] + ([negative[neg]] if neg.numel() else [])
+    width = width if width is not None else max(p.shape[1] for p in parts)
+    return torch.cat([_fit_len(p, width) for p in parts])
+
+
 def _dcsm_loss(dcsm, feats: Features, rows: torch.Tensor, config: HeadsTrainConfig,
                gen: torch.Generator) -> torch.Tensor:
     L = config.dcsm_text_length
     neg, cls, partner = _pairs_with_partners(feats, rows)
-    img = torch.cat([feats.images[rows], feats.neg_images[neg]] if neg.numel() else [feats.images[rows]]).float()
-    parts = [(feats.captions, feats.caption_mask, feats.caption_functional, rows)]
-    if neg.numel():
-        parts.append((feats.neg_captions, feats.neg_caption_mask, feats.neg_caption_functional, neg))
-    txt = torch.cat([_fit_len(t[r], L) for t, _, _, r in parts]).float()
-    mask = torch.cat([_fit_len(m[r], L) for _, m, _, r in parts])
-    func = torch.cat([_fit_len(f[r], L) for _, _, f, r in parts])
+    img = _with_negatives(feats.images, feats.neg_images, rows, neg).float()
+    txt = _with_negatives(feats.captions, feats.neg_captions, rows, neg, L).float()
+    mask = _with_negatives(feats.caption_mask, feats.neg_caption_mask, rows, neg, L)
+    func = _with_negatives(feats.caption_functional, feats.neg_caption_functional, rows, neg, L)
     n = cls.numel()
     same = cls[:, None] == cls[None, :]
     idx = torch.arange(n)
@@ -209,15 +215,11 @@ def _dcsm_loss(dcsm, feats: Features, rows: torch.Tensor, config: HeadsTrainConf
 def _entity_loss(entity, feats: Features, rows: torch.Tensor, config: HeadsTrainConfig,
                  gen: torch.Generator) -> torch.Tensor:
     neg, cls, partner = _pairs_with_partners(feats, rows)
-    img = torch.cat([feats.images[rows], feats.neg_images[neg]] if neg.numel() else [feats.images[rows]]).float()
-    def side(pos: torch.Tensor, negative: torch.Tensor | None) -> torch.Tensor:
-        parts = [pos[rows]] + ([negative[neg]] if neg.numel() else [])
-        width = max(p.shape[1] for p in parts)
-        return torch.cat([_fit_len(p, width) for p in parts])
-
-    cap, cmask = side(feats.captions, feats.neg_captions), side(feats.caption_mask, feats.neg_caption_mask)
-    exp = side(feats.explanations, feats.neg_explanations)
-    emask = side(feats.explanation_mask, feats.neg_explanation_mask)
+    img = _with_negatives(feats.images, feats.neg_images, rows, neg).float()
+    cap = _with_negatives(feats.captions, feats.neg_captions, rows, neg)
+    cmask = _with_negatives(feats.caption_mask, feats.neg_caption_mask, rows, neg)
+    exp = _with_negatives(feats.explanations, feats.neg_explanations, rows, neg)
+    emask = _with_negatives(feats.explanation_mask, feats.neg_explanation_mask, rows, neg)
     cap, exp = cap.float(), exp.float()
     width = int(cmask.sum(1).max())
     cap, cmask = cap[:, :width], cmask[:, :width]
