@@ -8,7 +8,10 @@ Two protocols:
 2. text -> image: a gallery of test images; each query's cosine top-K is
    rescored; R@1 and R@5 count a hit when the retrieved image *satisfies* the
    query (checked on the scene's logical form), not only when it is the
-   query's own image, since many images fit "a red circle".
+   query's own image, since many images fit "a red circle". An entity query
+   comes with its KB explanation, and the top-K the heads rescore is ranked by
+   the query's cosine plus the explanation's (the CLIP cosine column ranks by
+   the query alone): the EntityCLIP pipeline, explanation included.
 
 Columns: chance, CLIP cosine, DCSM, MMAE/GI-ITM (match probability, reading
 the KB explanation of each candidate caption for entity rows) and a combined
@@ -96,6 +99,15 @@ def _scores(matcher: Matcher, captions: Sequence[str], explanations: Sequence[st
     return {"cosine": cos, "dcsm": dcsm, "mmae_itm": itm}
 
 
+def rankings_for(matcher: Matcher, gallery, caption: str, explanation: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """Gallery indices by the query's cosine, and in the order whose top-K the heads rescore:
+    the query's cosine plus its explanation's where it has one (a name never seen in
+    training finds nothing by itself)."""
+    cosine = matcher.cosine(gallery, [caption])[:, 0]
+    expanded = cosine if explanation is None else cosine + matcher.cosine(gallery, [explanation])[:, 0]
+    return np.argsort(-cosine, kind="stable"), np.argsort(-expanded, kind="stable")
+
+
 def image_to_captions(matcher: Matcher, rows: dict[str, list]) -> dict[str, dict[str, float]]:
     table: dict[str, dict[str, float]] = {}
     for row, examples in rows.items():
@@ -133,14 +145,16 @@ def text_to_image(matcher: Matcher, rows: dict[str, list], config: EvalConfig) -
             n = len(scenes)
             recall["chance"]["r1"] += r / n
             recall["chance"]["r5"] += 1 - math.comb(n - r, 5) / math.comb(n, 5)
-            cosine = matcher.cosine(gallery, [ex.caption])[:, 0]
-            order = np.argsort(-cosine, kind="stable")
+            explanation = _explanation(ex.caption, ex)
+            plain, order = rankings_for(matcher, gallery, ex.caption, explanation)
             short = order[:k]
-            res = matcher.rescore(ex.caption, gallery[short], explanation=_explanation(ex.caption, ex))
-            cols = {"cosine": res.cosine, "dcsm": res.dcsm, "mmae_itm": res.match_prob}
+            res = matcher.rescore(ex.caption, gallery[short], explanation=explanation)
+            cols = {"dcsm": res.dcsm, "mmae_itm": res.match_prob}
             cols["combined"] = _z(res.cosine) + _z(res.dcsm) + _z(_logit(res.match_prob))
+            rankings = {"cosine": plain}
             for name, v in cols.items():
-                ranked = np.concatenate([short[np.argsort(-v, kind="stable")], order[k:]])
+                rankings[name] = np.concatenate([short[np.argsort(-v, kind="stable")], order[k:]])
+            for name, ranked in rankings.items():
                 recall[name]["r1"] += float(relevant[ranked[0]])
                 recall[name]["r5"] += float(relevant[ranked[:5]].any())
         q = max(1, len(queries))

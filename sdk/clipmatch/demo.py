@@ -81,7 +81,7 @@ def run_default_demo(model_dir: Path, workdir: Path | None, repeats: int, galler
     from .local import Local
 
     _export_package()
-    from clipmatch_export.evaluate import _examples, _explanation, row_of
+    from clipmatch_export.evaluate import _examples, _explanation, rankings_for, row_of
     from clipmatch_export.exporter import export_model
     from clipmatch_export.synth.forms import satisfies
     from clipmatch_export.synth.world import render
@@ -101,13 +101,13 @@ def run_default_demo(model_dir: Path, workdir: Path | None, repeats: int, galler
         for row in DEMO_QUERIES:
             ex = next(e for e in pool if row_of(e) == row)
             explanation = _explanation(ex.caption, ex)
-            cosine = matcher.cosine(gallery, [ex.caption])[:, 0]
-            short = np.argsort(-cosine, kind="stable")[:20]
+            plain, order = rankings_for(matcher, gallery, ex.caption, explanation)
+            short = order[:20]
             r = matcher.rescore(ex.caption, gallery[short], explanation=explanation)
             print(f"\n[{row}] query: {ex.caption!r}" + (f"\n  explanation: {explanation!r}" if explanation else ""))
             table = []
-            for label, scores in (("cosine", r.cosine), ("dcsm", r.dcsm), ("mmae/gi-itm", r.match_prob)):
-                top = short[np.argsort(-scores, kind="stable")[:3]]
+            for label, scores in (("cosine", None), ("dcsm", r.dcsm), ("mmae/gi-itm", r.match_prob)):
+                top = plain[:3] if scores is None else short[np.argsort(-scores, kind="stable")[:3]]
                 marks = ["yes" if satisfies(pool[i].scene, ex.form) else "no" for i in top]
                 table.append({"ranked by": label, "top-3 satisfy the query": " ".join(marks),
                               "top-1 caption": pool[top[0]].caption})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -61,16 +62,31 @@ class HeadsConfig:
     mlp_ratio: int = 4  # expert MLP is d -> 4d -> d, as in the reference
     layer_norm_eps: float = 1e-5  # CLIP's own value
     dcsm_text_length: int = 30  # L: text positions in a dense map, the reference value
-    dcsm_channels: int = 4  # conv width of the DCSM scorer, the reference value
-    dcsm_hidden: int = 128  # hidden width of the DCSM scorer's MLP, the reference value
+    # How the DCSM map is read (see clipmatch_export/dcsm.py): "tokens" (where each
+    # word points, compared by a small transformer) or "cnn" (the reference CNN).
+    dcsm_scorer: str = "tokens"
+    dcsm_width: int = 48  # "tokens": transformer width
+    dcsm_layers: int = 2  # "tokens": transformer blocks
+    dcsm_heads: int = 4  # "tokens": attention heads per block
+    dcsm_channels: int = 4  # "cnn": conv width, the reference value
+    dcsm_hidden: int = 128  # "cnn": hidden width of the MLP, the reference value
     functional_words: tuple[str, ...] = DEFAULT_FUNCTIONAL_WORDS
 
     def __post_init__(self) -> None:
-        for name in ("embed_dim", "num_image_tokens", "num_experts", "mlp_ratio",
-                     "dcsm_text_length", "dcsm_channels", "dcsm_hidden"):
+        for name in ("embed_dim", "num_image_tokens", "num_experts", "mlp_ratio", "dcsm_text_length",
+                     "dcsm_width", "dcsm_layers", "dcsm_heads", "dcsm_channels", "dcsm_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"HeadsConfig.{name} must be a positive int, got {value!r}")
+        if self.dcsm_scorer not in ("tokens", "cnn"):
+            raise ValueError(f"HeadsConfig.dcsm_scorer must be 'tokens' or 'cnn', got {self.dcsm_scorer!r}")
+        if self.dcsm_scorer == "tokens":
+            grid = math.isqrt(self.num_image_tokens - 1)
+            if grid * grid != self.num_image_tokens - 1:
+                raise ValueError(f"the 'tokens' DCSM scorer needs CLS + a square patch grid; "
+                                 f"num_image_tokens={self.num_image_tokens} is not 1 + n*n")
+            if self.dcsm_width % self.dcsm_heads:
+                raise ValueError(f"dcsm_width {self.dcsm_width} must be a multiple of dcsm_heads {self.dcsm_heads}")
         words = tuple(self.functional_words)
         for w in words:
             if not isinstance(w, str) or not w or w != w.strip().lower() or " " in w:
@@ -78,6 +94,11 @@ class HeadsConfig:
         if len(set(words)) != len(words):
             raise ValueError(f"functional words repeat: {words}")
         object.__setattr__(self, "functional_words", words)
+
+    @property
+    def patch_grid(self) -> int:
+        """Patches per side: the image tokens are CLS + patch_grid**2 patches in raster order."""
+        return math.isqrt(self.num_image_tokens - 1)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

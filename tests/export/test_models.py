@@ -65,9 +65,40 @@ def test_dcsm_functional_columns_are_learned_and_placed_at_the_word():
 
 
 def test_dcsm_parameter_count_matches_reference_at_reference_sizes():
-    scorer = DenseCosineScorer(HeadsConfig(embed_dim=512, num_image_tokens=197, dcsm_text_length=30))
+    scorer = DenseCosineScorer(HeadsConfig(embed_dim=512, num_image_tokens=197, dcsm_text_length=30,
+                                           dcsm_scorer="cnn"))
     n = sum(p.numel() for p in scorer.parameters())
     assert 3.0e6 < n < 3.1e6, n  # "about 3M parameters at P=197, L=30"
+
+
+@pytest.mark.parametrize("scorer", ["tokens", "cnn"])
+def test_dcsm_scores_ignore_padding_content(scorer):
+    cfg = HeadsConfig(embed_dim=16, num_image_tokens=5, num_experts=2, dcsm_text_length=6, dcsm_scorer=scorer)
+    dcsm = build_heads(cfg, seed=2).dcsm
+    img, txt, mask, func = dcsm_batch()
+    noisy = txt + unit(*txt.shape, seed=9) * (1 - mask[..., None])  # garbage where the mask says padding
+    with torch.no_grad():
+        torch.testing.assert_close(dcsm(img, txt, mask, func), dcsm(img, noisy, mask, func), atol=1e-6, rtol=0)
+
+
+def test_dcsm_token_reader_places_a_word_where_its_column_peaks():
+    from clipmatch_export.dcsm import MapTokenReader
+
+    cfg = HeadsConfig(embed_dim=16, num_image_tokens=1 + 3 * 3, dcsm_text_length=2)
+    reader = MapTokenReader(cfg)
+    dense = torch.zeros(1, 10, 2)
+    dense[0, 1 + 3, 0] = 5.0  # word 0 lights the left patch of the middle row
+    dense[0, 1 + 5, 1] = 5.0  # word 1 the right one
+    attend = torch.softmax(dense[:, 1:, :] * reader.log_sharpness.exp(), dim=1)
+    centre = torch.einsum("bpl,pk->blk", attend, reader.coords)
+    assert centre[0, 0, 0] < -0.5 and centre[0, 1, 0] > 0.5  # x: left vs right
+    assert abs(float(centre[0, 0, 1].detach())) < 1e-6  # y: middle row
+
+
+def test_heads_config_refuses_a_token_reader_without_a_square_grid():
+    with pytest.raises(ValueError, match="square patch grid"):
+        HeadsConfig(embed_dim=16, num_image_tokens=6)
+    assert HeadsConfig(embed_dim=16, num_image_tokens=6, dcsm_scorer="cnn").num_image_tokens == 6
 
 
 def entity_batch(n=3, t=7, e=5, seed=0):

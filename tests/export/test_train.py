@@ -165,7 +165,8 @@ def test_anonymised_copies_swap_names_consistently(dataset):
                "the Kestrel-7 valve is a blue circle with yellow stripes", ("the Orrin pump",),
                extra={"negative_explanations": ["the Orrin pump is a blue circle with red dots"]})
     plain = Record(2, r.image, "a red circle")
-    (copy,) = anonymised_copies([r, plain], seed=0)
+    (copy,), copied = anonymised_copies([r, plain], seed=0)
+    assert copied == {0}
     new_name = copy.caption.split("the ")[1].split(" valve")[0]
     assert "Kestrel" not in copy.caption + copy.explanation and new_name != "Kestrel-7"
     assert copy.explanation == f"the {new_name} valve is a blue circle with yellow stripes"
@@ -232,3 +233,46 @@ def test_captions_longer_than_the_context_name_their_line(dataset, tmp_path, cap
         train_clip(records, tmp_path / "strict", config, progress=False)
     assert train_clip(records, tmp_path / "lenient", config, skip_bad=True, progress=False) is not None
     assert "skipped 1 over-long texts (lines [13]" in capsys.readouterr().out
+
+
+def test_training_one_stage_keeps_the_other_heads_and_reads_every_hard_negative(dataset, trained_dir, tmp_path):
+    import dataclasses
+    import shutil
+
+    from clipmatch_export.heads import load_heads
+    from clipmatch_export.train.heads_trainer import train_heads
+
+    model = tmp_path / "model"
+    shutil.copytree(trained_dir, model)
+    records, _ = read_jsonl(dataset)
+    train_heads(records, model, HEADS, progress=False)
+    before, _ = load_heads(model)
+    # A second hard-negative caption per record: the DCSM stage scores images against it too.
+    more = [dataclasses.replace(r, negative_captions=(*r.negative_captions, r.caption.replace("a ", "a big ", 1)))
+            for r in records]
+    train_heads(more, model, dataclasses.replace(HEADS, seed=5), stages=("dcsm",), progress=False)
+    after, _ = load_heads(model)
+    for name, value in before.entity.state_dict().items():
+        torch.testing.assert_close(after.entity.state_dict()[name], value, rtol=0, atol=0)
+    changed = [n for n, v in before.dcsm.state_dict().items() if not torch.equal(after.dcsm.state_dict()[n], v)]
+    assert changed, "the DCSM stage did not train"
+
+
+def test_features_hold_every_hard_negative_caption(dataset, trained_dir):
+    import dataclasses
+
+    from clipmatch.preprocess import ImageConfig
+    from clipmatch.tokenizer import ClipTokenizer
+    from clipmatch_export.clip_loader import load_clip
+    from clipmatch_export.train.heads_trainer import compute_features
+
+    records, _ = read_jsonl(dataset)
+    records = [dataclasses.replace(r, negative_captions=(*r.negative_captions, "a big thing") if i % 2 else ())
+               for i, r in enumerate(records)]
+    clip, files = load_clip(trained_dir)
+    feats = compute_features(records, clip, ClipTokenizer.from_dir(trained_dir),
+                             ImageConfig.from_preprocessor_config(files.preprocessor_config), ("big",), progress=False)
+    assert feats.more_captions.shape[:2] == (len(records), 1)
+    assert feats.has_more_caption[:, 0].tolist() == [bool(i % 2) for i in range(len(records))]
+    ids = feats.more_caption_functional[1, 0].tolist()
+    assert set(ids) == {0, 1} and ids[1] == 0  # "big" marked at its own tokens, "a" not

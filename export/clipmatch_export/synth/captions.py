@@ -18,6 +18,10 @@ Phenomena and what plain cosine gets wrong on them:
 - spatial: "a red circle left of a blue square" vs "a blue square left of a red circle".
 - negation: "a red circle and no square" vs "a red circle and a square".
 - entity: "the Kestrel-7 valve" vs the name of a look-alike.
+- look: "a blue circle with yellow stripes and a white dot" vs one detail
+  changed. Entity explanations are said in these words; without this
+  phenomenon the towers only ever see the seen entities' few looks and learn
+  them as whole strings, so an unseen entity's explanation matches nothing.
 
     >>> import numpy as np
     >>> d = compose("binding", np.random.default_rng(0), SplitRules(ALL_COMBOS, ()))
@@ -31,16 +35,17 @@ from typing import Callable
 
 import numpy as np
 
-from .entities import article, get_entity, lookalikes
+from .entities import MIN_CONTRAST, article, catalogue, contrast, get_entity, lookalikes
 from .forms import And, EntityIs, Form, Has, Not, Rel, mentions, satisfies
-from .world import (COLOURS, SHAPES, SIZES, Obj, Scene, place_line, place_single, random_background)
+from .world import (COLOURS, MARKS, PATTERNS, SHAPES, SIZES, Obj, Scene, place_line, place_single,
+                    random_background)
 
 __all__ = [
     "PHENOMENA", "FUNCTIONAL_WORDS", "ALL_COMBOS", "SplitRules", "Draft", "compose", "noun_phrase",
     "BASIC_TEMPLATES", "BINDING_TEMPLATES", "SPATIAL_TEMPLATES", "NEGATION_TEMPLATES", "ENTITY_TEMPLATES",
 ]
 
-PHENOMENA = ("basic", "binding", "spatial", "negation", "entity")
+PHENOMENA = ("basic", "binding", "spatial", "negation", "entity", "look")
 # The words the DCSM scorer gives a learned column of their own; every one of
 # them is used in these captions with its real meaning.
 FUNCTIONAL_WORDS = ("above", "below", "left", "right", "small", "big", "not", "no", "without", "but", "absent")
@@ -66,6 +71,7 @@ NEGATION_TEMPLATES = (
     ("{A}, {B} is absent", "{A}, {B} is present"),
     ("there is {A} and no {b}", "there is {A} and {B}"),
 )
+LOOK_TEMPLATES = ("{A}", "a photo of {A}", "there is {A}", "an image of {A}")
 ENTITY_TEMPLATES = ("the {n}", "a photo of the {n}", "a picture of the {n}", "there is the {n}")
 
 
@@ -115,8 +121,14 @@ def noun_phrase(h: Has, with_article: bool = True) -> str:
 
     >>> noun_phrase(Has("orange", "star")), noun_phrase(Has(shape="square"), with_article=False)
     ('an orange star', 'square')
+    >>> noun_phrase(Has("blue", "circle", pattern="stripes", pattern_colour="yellow", mark="white dot"))
+    'a blue circle with yellow stripes and a white dot'
     """
     words = " ".join(w for w in (h.size, h.colour, h.shape) if w is not None)
+    if h.pattern is not None:
+        words += f" with {h.pattern_colour} {h.pattern}"
+    if h.mark is not None:
+        words += f" {'and' if h.pattern is not None else 'with'} {article(h.mark)} {h.mark}"
     return f"{article(words)} {words}" if with_article else words
 
 
@@ -288,10 +300,9 @@ def _negation(rng: np.random.Generator, rules: SplitRules) -> Draft:
     return Draft("negation", Scene(kept, bg, seed), captions[0], form, captions[1:], negs, neg_scene)
 
 
-def _entity(rng: np.random.Generator, rules: SplitRules) -> Draft:
-    take_focus = rng.random() < rules.focus_rate
-    name = _choice(rng, rules.focus_entities if take_focus and rules.focus_entities else rules.entities)
-    e = get_entity(name)
+def _big_object_scene(rng: np.random.Generator, rules: SplitRules) -> tuple[int, int, Callable[[Obj], Scene]]:
+    """Where a big object (an entity, a patterned look) goes, alone or beside one plain
+    object on a line; and a function that draws the scene with a given big object there."""
     bg, seed = _scene_bits(rng)
     if rng.random() < 0.5:
         x, y = place_single(rng, "big")
@@ -300,28 +311,58 @@ def _entity(rng: np.random.Generator, rules: SplitRules) -> Draft:
     else:
         cd, sd = _choice(rng, rules.combos)
         zd = _size(rng)
-        e_first = rng.random() < 0.5
-        xy = _line(rng, ["big", zd] if e_first else [zd, "big"], _axis(rng))
-        (x, y), (xd, yd) = xy if e_first else xy[::-1]
+        first = rng.random() < 0.5
+        xy = _line(rng, ["big", zd] if first else [zd, "big"], _axis(rng))
+        (x, y), (xd, yd) = xy if first else xy[::-1]
         others = (Obj(sd, cd, zd, xd, yd),)
-        slot = 0 if e_first else 1
+        slot = 0 if first else 1
+
+    def scene_with(big: Obj) -> Scene:
+        objs = list(others)
+        objs.insert(slot, big)
+        return Scene(tuple(objs), bg, seed)
+
+    return x, y, scene_with
+
+
+def _entity(rng: np.random.Generator, rules: SplitRules) -> Draft:
+    take_focus = rng.random() < rules.focus_rate
+    name = _choice(rng, rules.focus_entities if take_focus and rules.focus_entities else rules.entities)
+    e = get_entity(name)
+    x, y, scene_with = _big_object_scene(rng, rules)
     names = lookalikes(name, allowed=set(rules.entities))
     if not names:
         raise _Reject(f"no look-alike of {name!r} allowed")
     t = ENTITY_TEMPLATES[int(rng.integers(len(ENTITY_TEMPLATES)))]
-
-    def scene_with(ent_obj: Obj) -> Scene:
-        objs = list(others)
-        objs.insert(slot, ent_obj)
-        return Scene(tuple(objs), bg, seed)
-
     return Draft("entity", scene_with(e.obj(x, y)), t.format(n=name), EntityIs(name),
                  [t.format(n=n) for n in names], [EntityIs(n) for n in names],
                  scene_with(get_entity(names[0]).obj(x, y)), entity=name, explanation=e.explanation)
 
 
+def _look(rng: np.random.Generator, rules: SplitRules) -> Draft:
+    colour, shape = _pick_combo(rng, rules)
+    pattern = _choice(rng, PATTERNS)
+    readable = [c for c in COLOURS
+                if c != colour and contrast(c, colour) >= MIN_CONTRAST and (c, shape) in rules.combos]
+    pc = _choice(rng, readable)
+    mark = _choice(rng, MARKS)
+    h = Has(colour, shape, pattern=pattern, pattern_colour=pc, mark=mark)
+    x, y, scene_with = _big_object_scene(rng, rules)
+    # One detail changed per negative; the first one is also drawn as the negative image.
+    negs = [replace(h, pattern=_choice(rng, [p for p in PATTERNS if p != pattern])),
+            replace(h, pattern_colour=_choice(rng, [c for c in readable if c != pc])),
+            replace(h, mark=_choice(rng, [m for m in MARKS if m != mark]))]
+    order = rng.permutation(len(negs))
+    negs = [negs[int(i)] for i in order]
+    t = LOOK_TEMPLATES[int(rng.integers(len(LOOK_TEMPLATES)))]
+    say = lambda f: t.format(A=noun_phrase(f))  # noqa: E731
+    drawn = lambda a: scene_with(Obj(shape, colour, "big", x, y, a.pattern, a.pattern_colour, a.mark))  # noqa: E731
+    return Draft("look", drawn(h), say(h), h, [say(f) for f in negs], negs, drawn(negs[0]))
+
+
 _BUILDERS: dict[str, Callable[[np.random.Generator, SplitRules], Draft]] = {
     "basic": _basic, "binding": _binding, "spatial": _spatial, "negation": _negation, "entity": _entity,
+    "look": _look,
 }
 
 
@@ -344,10 +385,13 @@ def _problem(d: Draft, rules: SplitRules) -> str | None:
         fc, fn = mentions(f)
         if not fc <= combos or not fn <= names:
             return "names something the split holds out"
+    held_looks = {e.look for e in catalogue() if e.name not in names}
     for s in (d.scene, d.negative_scene):
         for o in (s.objects if s is not None else ()):
             if o.combo not in combos or (o.entity is not None and o.entity not in names):
                 return "draws something the split holds out"
+            if (o.shape, o.colour, o.pattern, o.pattern_colour, o.mark) in held_looks and o.entity is None:
+                return "draws the look of an entity the split holds out"
     return None
 
 

@@ -39,9 +39,9 @@ __all__ = [
 
 SPLITS = ("train", "val", "test")
 _SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
-# Examples per block of 20: basic 25%, binding 20%, spatial 20%, negation 15%,
-# entity 20%. Blocks are shuffled, so even 20 examples hold every phenomenon.
-DEFAULT_MIXTURE: dict[str, int] = {"basic": 5, "binding": 4, "spatial": 4, "negation": 3, "entity": 4}
+# Examples per block of 20: basic 20%, binding 20%, spatial 20%, negation 15%,
+# entity 10%, look 15%. Blocks are shuffled, so even 20 examples hold every phenomenon.
+DEFAULT_MIXTURE: dict[str, int] = {"basic": 4, "binding": 4, "spatial": 4, "negation": 3, "entity": 2, "look": 3}
 _FSYNC_EVERY = 256  # lines between fsyncs while writing a split
 
 

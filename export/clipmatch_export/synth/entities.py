@@ -5,10 +5,16 @@ colour and a mark. Entities come in look-alike clusters of four: the same
 shape and body colour, told apart only by pattern, pattern colour or mark, so
 that the names of a cluster are each other's hard negatives.
 
-The knowledge base explains every entity in the words captions use ("the
-Kestrel-7 valve is a blue circle with yellow stripes and a white dot"). One
-entity per cluster is held out: its name never appears in a train or val
-caption, yet every word of its explanation does, through its cluster mates.
+The knowledge base explains every entity in the words captions use: what
+the Kestrel-7 valve looks like, "a blue circle with yellow stripes and a white
+dot". The entry does not repeat the name: for a name the towers never saw, the
+name's tokens only pull the explanation's embedding towards whatever look-alike
+they resemble (measured on the default model's towers: an image of a held-out
+entity picked its own explanation among its look-alikes' 9% of the time with
+"the <name> is ..." entries, 76% with bare descriptions). One entity per
+cluster is held out: its name never appears in a train or val caption, yet
+every word of its explanation does, through its cluster mates and the "look"
+examples.
 
     >>> e = catalogue()[0]
     >>> knowledge_base()[e.name] == e.explanation
@@ -26,14 +32,14 @@ from .world import COLOURS, HELD_OUT_COMBOS, MARKS, PATTERNS, SHAPES, Obj
 
 __all__ = [
     "Entity", "catalogue", "get_entity", "HELD_OUT_ENTITIES", "lookalikes",
-    "knowledge_base", "write_knowledge_base", "article",
+    "knowledge_base", "write_knowledge_base", "article", "contrast", "MIN_CONTRAST",
 ]
 
 _CATALOGUE_SEED = 7_2025  # fixed: the catalogue is part of the data's definition
 _N_CLUSTERS = 16
 _PER_CLUSTER = 4
 # Pattern on body must stay readable at 64x64: no yellow stripes on orange.
-_MIN_CONTRAST = 150.0
+MIN_CONTRAST = 150.0
 
 # Invented words, one per entity, so a held-out name shares no word with a
 # seen one except its noun. None is a substring of another.
@@ -82,8 +88,7 @@ class Entity:
     @property
     def explanation(self) -> str:
         body = f"{self.colour} {self.shape}"
-        return (f"the {self.name} is {article(body)} {body} with {self.pattern_colour} "
-                f"{self.pattern} and {article(self.mark)} {self.mark}")
+        return f"{article(body)} {body} with {self.pattern_colour} {self.pattern} and {article(self.mark)} {self.mark}"
 
     def obj(self, x: int, y: int) -> Obj:
         """This entity drawn at (x, y). Entities are always big: a pattern
@@ -95,7 +100,7 @@ class Entity:
         return Obj(self.shape, self.colour, "big", x, y, self.pattern, self.pattern_colour, self.mark, self.name)
 
 
-def _contrast(a: str, b: str) -> float:
+def contrast(a: str, b: str) -> float:
     return float(np.linalg.norm(np.subtract(COLOURS[a], COLOURS[b])))
 
 
@@ -130,7 +135,7 @@ def _build() -> tuple[tuple[Entity, ...], frozenset[str]]:
     names = [_name(int(i)) for i in rng.permutation(len(_WORDS))]
     for cluster, (colour, shape) in enumerate(bodies):
         pcs = [str(p) for p in colours
-               if p != colour and _contrast(p, colour) >= _MIN_CONTRAST and (p, shape) not in HELD_OUT_COMBOS]
+               if p != colour and contrast(p, colour) >= MIN_CONTRAST and (p, shape) not in HELD_OUT_COMBOS]
         for _ in range(100):
             pc0, pc1 = (str(p) for p in rng.permutation(pcs)[:2])
             p0, p1 = (str(p) for p in rng.permutation(PATTERNS)[:2])

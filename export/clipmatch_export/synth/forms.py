@@ -7,8 +7,8 @@ decides it on any scene, so retrieval over a gallery can count every image a
 caption is true of, not only the one it was written for.
 
 Semantics worth knowing:
-- ``Has`` looks at the body only: an entity that is a blue circle with yellow
-  stripes is "a blue circle" too (its explanation says so).
+- ``Has`` checks only the attributes it names: an entity that is a blue
+  circle with yellow stripes is "a blue circle" too (its explanation says so).
 - ``EntityIs`` compares the whole look (shape, colour, pattern, pattern
   colour, mark), never the name stored on the object.
 - Relations are strict (``world.relation``): a diagonal pair is in none.
@@ -41,6 +41,9 @@ class Has:
     colour: str | None = None
     shape: str | None = None
     size: str | None = None
+    pattern: str | None = None
+    pattern_colour: str | None = None
+    mark: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class And:
 
 
 Form = Union[Has, EntityIs, Rel, Not, And]
+_LOOK = ("pattern", "pattern_colour", "mark")
 
 
 def _matches(o: Obj, atom: Has | EntityIs) -> bool:
@@ -78,7 +82,10 @@ def _matches(o: Obj, atom: Has | EntityIs) -> bool:
         return (o.shape, o.colour, o.pattern, o.pattern_colour, o.mark) == e.look
     return ((atom.colour is None or o.colour == atom.colour)
             and (atom.shape is None or o.shape == atom.shape)
-            and (atom.size is None or o.size == atom.size))
+            and (atom.size is None or o.size == atom.size)
+            and (atom.pattern is None or o.pattern == atom.pattern)
+            and (atom.pattern_colour is None or o.pattern_colour == atom.pattern_colour)
+            and (atom.mark is None or o.mark == atom.mark))
 
 
 def satisfies(scene: Scene, form: Form) -> bool:
@@ -108,7 +115,10 @@ def form_to_json(form: Form) -> dict:
     {'op': 'not', 'arg': {'op': 'has', 'colour': None, 'shape': 'square', 'size': None}}
     """
     if isinstance(form, Has):
-        return {"op": "has", "colour": form.colour, "shape": form.shape, "size": form.size}
+        d = {"op": "has", "colour": form.colour, "shape": form.shape, "size": form.size}
+        # Look attributes only where named, so plain forms keep their short JSON.
+        d.update({k: getattr(form, k) for k in _LOOK if getattr(form, k) is not None})
+        return d
     if isinstance(form, EntityIs):
         return {"op": "entity", "name": form.name}
     if isinstance(form, Rel):
@@ -129,7 +139,7 @@ def form_from_json(d: dict) -> Form:
     """
     op = d.get("op")
     if op == "has":
-        return Has(d["colour"], d["shape"], d["size"])
+        return Has(d["colour"], d["shape"], d["size"], *(d.get(k) for k in _LOOK))
     if op == "entity":
         return EntityIs(d["name"])
     if op == "rel":

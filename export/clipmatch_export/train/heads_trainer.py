@@ -7,9 +7,10 @@ once, up front; each step then costs only the heads.
 
 DCSM (methods.md §1): a batch holds B positives plus, where the data has
 them, each one's hard negative caption and image (a matching pair of their
-own). Every image is scored against its text, its partner's text and a few
-random texts of the batch, every text likewise against images, with
-cross-entropy over each such row and column.
+own). Every image is scored against its text, its partner's text, a few
+random texts of the batch and, for a positive image, every other hard-negative
+caption its record has (as evaluation does); every text likewise against
+images, with cross-entropy over each such row and column.
 
 MMAE + GI-ITM (methods.md §2, towers frozen): InfoNCE on cos(V*, T*) over the
 same candidate sets, plus ITM on the positive, the hard partner and the
@@ -30,12 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipmatch.manifest import HeadsManifest, sha256_json
+from clipmatch.manifest import HEADS_MANIFEST, HeadsManifest, sha256_json
+from clipmatch.errors import IncompatibleModelError
 from clipmatch.preprocess import ImageConfig
 from clipmatch.tokenizer import ClipTokenizer
 
 from ..clip_loader import load_clip
-from ..heads import ClipmatchHeads, build_heads, heads_config_for, save_heads
+from ..heads import ClipmatchHeads, build_heads, heads_config_for, load_heads, save_heads
 from ..towers import ImageTower, TextTower
 from .clip_trainer import _encode_images
 from .configs import HeadsTrainConfig
@@ -63,6 +65,12 @@ class Features:
     neg_explanations: torch.Tensor | None  # (N, E, D)
     neg_explanation_mask: torch.Tensor | None
     has_neg_caption: torch.Tensor  # (N,) bool
+    # The other hard-negative captions (negative_captions[1:]), text only: DCSM scores
+    # each image against all of them, as evaluation does.
+    more_captions: torch.Tensor | None = None  # (N, X, T, D)
+    more_caption_mask: torch.Tensor | None = None  # (N, X, T)
+    more_caption_functional: torch.Tensor | None = None  # (N, X, T)
+    has_more_caption: torch.Tensor | None = None  # (N, X) bool
 
 
 def train_heads(records: Sequence[Record], model_dir: str | Path, config: HeadsTrainConfig = HeadsTrainConfig(), *,
@@ -76,8 +84,20 @@ def train_heads(records: Sequence[Record], model_dir: str | Path, config: HeadsT
     heads_config = heads_config_for(clip.config, num_experts=config.num_experts,
                                     dcsm_text_length=config.dcsm_text_length)
     heads = build_heads(heads_config, seed=config.seed)
-    if config.anonymised_entities:
-        records = list(records) + anonymised_copies(records, config.seed)
+    if set(stages) != {"dcsm", "entity"} and (model_dir / HEADS_MANIFEST).exists():
+        _keep_trained(heads, model_dir, [m for m in ("dcsm", "entity") if m not in stages])
+    records = list(records)
+    # The DCSM stage reads the records as given; the entity stage reads them
+    # as ``entity_names`` says (see HeadsTrainConfig).
+    if config.entity_names not in ("anonymise", "both", "keep"):
+        raise ValueError(f"entity_names must be 'anonymise', 'both' or 'keep', got {config.entity_names!r}")
+    dcsm_rows = torch.arange(len(records))
+    entity_rows = dcsm_rows
+    if config.entity_names != "keep":
+        copies, named = anonymised_copies(records, config.seed)
+        keep = [i for i in range(len(records)) if config.entity_names == "both" or i not in named]
+        entity_rows = torch.cat([torch.tensor(keep, dtype=torch.long), len(records) + torch.arange(len(copies))])
+        records += copies
     t0 = time.perf_counter()
     feats = compute_features(records, clip, tokenizer, ImageConfig.from_preprocessor_config(files.preprocessor_config),
                              heads_config.functional_words, progress=progress)
@@ -88,12 +108,12 @@ def train_heads(records: Sequence[Record], model_dir: str | Path, config: HeadsT
     resume_entity = "entity" in stages and waiting == run | {"stage": "entity"}
     if "dcsm" in stages and not resume_entity:
         t0 = time.perf_counter()
-        _fit(heads, heads.dcsm, feats, config, config.dcsm_epochs, _dcsm_loss, model_dir, run | {"stage": "dcsm"},
-             progress)
+        _fit(heads, heads.dcsm, feats, dcsm_rows, config, config.dcsm_epochs, _dcsm_loss, model_dir,
+             run | {"stage": "dcsm"}, progress)
         timings["dcsm"] = round(time.perf_counter() - t0, 1)
     if "entity" in stages:
         t0 = time.perf_counter()
-        _fit(heads, heads.entity, feats, config, config.entity_epochs, _entity_loss, model_dir,
+        _fit(heads, heads.entity, feats, entity_rows, config, config.entity_epochs, _entity_loss, model_dir,
              run | {"stage": "entity"}, progress)
         timings["entity"] = round(time.perf_counter() - t0, 1)
     manifest = save_heads(heads.eval(), model_dir)
@@ -102,9 +122,21 @@ def train_heads(records: Sequence[Record], model_dir: str | Path, config: HeadsT
     return manifest
 
 
-def _fit(heads: ClipmatchHeads, module: torch.nn.Module, feats: Features, config: HeadsTrainConfig, epochs: int,
-         loss_fn, out: Path, run: dict, progress: bool) -> None:
-    n = feats.images.shape[0]
+def _keep_trained(heads: ClipmatchHeads, model_dir: Path, modules: Sequence[str]) -> None:
+    """Copy the named heads (not trained in this run) from the ones saved in ``model_dir``;
+    the heads this run trains start fresh, as in a full run."""
+    saved, _ = load_heads(model_dir)
+    if saved.config != heads.config:
+        raise IncompatibleModelError(
+            f"{model_dir} holds heads of another shape ({saved.config.to_dict()}) than this run builds "
+            f"({heads.config.to_dict()}); train both stages to replace them")
+    for name in modules:
+        getattr(heads, name).load_state_dict(getattr(saved, name).state_dict())
+
+
+def _fit(heads: ClipmatchHeads, module: torch.nn.Module, feats: Features, pool: torch.Tensor,
+         config: HeadsTrainConfig, epochs: int, loss_fn, out: Path, run: dict, progress: bool) -> None:
+    n = pool.numel()
     steps_per_epoch = math.ceil(n / config.batch_size)
     total = steps_per_epoch * epochs
     optimizer = make_optimizer(module, config.lr, config.weight_decay)
@@ -113,7 +145,7 @@ def _fit(heads: ClipmatchHeads, module: torch.nn.Module, feats: Features, config
     module.train()
     bar = Progress(total, initial=start * steps_per_epoch, enabled=progress, desc=run["stage"])
     for epoch in range(start, epochs):
-        order = torch.randperm(n, generator=seeded(config.seed, epoch))
+        order = pool[torch.randperm(n, generator=seeded(config.seed, epoch))]
         gen = seeded(config.seed + 1, epoch)  # negatives' draws, reproducible across a resume
         for b in range(steps_per_epoch):
             rows = order[b * config.batch_size:(b + 1) * config.batch_size]
@@ -198,10 +230,24 @@ def _dcsm_loss(dcsm, feats: Features, rows: torch.Tensor, config: HeadsTrainConf
     n = cls.numel()
     same = cls[:, None] == cls[None, :]
     idx = torch.arange(n)
+    more, more_valid = None, None
+    if feats.more_captions is not None:
+        # Texts n.. are the positives' other hard negatives, X per positive.
+        x = feats.more_captions.shape[1]
+        txt = torch.cat([txt, _fit_len(feats.more_captions[rows].flatten(0, 1), L).float()])
+        mask = torch.cat([mask, _fit_len(feats.more_caption_mask[rows].flatten(0, 1), L)])
+        func = torch.cat([func, _fit_len(feats.more_caption_functional[rows].flatten(0, 1), L)])
+        more = torch.zeros(n, x, dtype=torch.long)
+        more_valid = torch.zeros(n, x, dtype=torch.bool)
+        b = rows.numel()
+        more[:b] = n + torch.arange(b * x).view(b, x)
+        more_valid[:b] = feats.has_more_caption[rows]
     # Item i's positive on the other side is item i (images and texts are built in the same order).
     loss = 0.0
     for anchor_is_image in (True, False):
         cand, valid = _candidates(idx, partner, n, same, config.random_negatives, gen)
+        if anchor_is_image and more is not None:
+            cand, valid = torch.cat([cand, more], 1), torch.cat([valid, more_valid], 1)
         a = idx[:, None].expand_as(cand).reshape(-1)
         c = cand.reshape(-1)
         i_idx, t_idx = (a, c) if anchor_is_image else (c, a)
@@ -260,14 +306,16 @@ def _invented_name(rng: np.random.Generator) -> str:
     return f"{word}-{int(rng.integers(1, 10))}" if rng.random() < 0.5 else word
 
 
-def anonymised_copies(records: Sequence[Record], seed: int) -> list[Record]:
+def anonymised_copies(records: Sequence[Record], seed: int) -> tuple[list[Record], set[int]]:
     """Entity records again, every name swapped for a fresh invented one, consistently
-    within the record (caption, explanation, negatives and their explanations)."""
+    within the record (caption, explanation, negatives and their explanations);
+    and the positions of the records copied."""
     rng = np.random.default_rng(seed + 31)
-    out = []
-    for r in records:
+    out, copied = [], set()
+    for i, r in enumerate(records):
         if not r.explanation or not _NAME.search(r.caption):
             continue
+        copied.add(i)
         names: dict[str, str] = {}
 
         def swap(text: str | None) -> str | None:
@@ -278,7 +326,7 @@ def anonymised_copies(records: Sequence[Record], seed: int) -> list[Record]:
             extra["negative_explanations"] = [swap(e) for e in extra["negative_explanations"]]
         out.append(dataclasses.replace(r, caption=swap(r.caption), explanation=swap(r.explanation),
                                        negative_captions=tuple(swap(n) for n in r.negative_captions), extra=extra))
-    return out
+    return out, copied
 
 
 # -- features ---------------------------------------------------------------------------------
@@ -319,10 +367,24 @@ def compute_features(records: Sequence[Record], clip, tokenizer: ClipTokenizer, 
         neg_expl = [(r.extra.get("negative_explanations") or [None])[0] or n_ for r, n_ in zip(records, negs)]
         ncap, ncmask, ncfunc = texts(negs)
         nexp, nemask, _ = texts(neg_expl)
+    feats = Features(img, cap, cmask, cfunc, exp, emask, torch.from_numpy(caption_class), neg_img, has_ni,
+                     ncap, ncmask, ncfunc, nexp, nemask, has_nc)
+    x = min(_MORE_NEGATIVES, max((len(r.negative_captions) - 1 for r in records), default=0))
+    if x > 0:
+        more = [[r.negative_captions[j] if j < len(r.negative_captions) else r.caption for j in range(1, x + 1)]
+                for r in records]
+        tokens, mask, func = texts([c for row in more for c in row])
+        feats.more_captions = tokens.view(n, x, *tokens.shape[1:])
+        feats.more_caption_mask = mask.view(n, x, -1)
+        feats.more_caption_functional = func.view(n, x, -1)
+        feats.has_more_caption = torch.tensor([[j < len(r.negative_captions) for j in range(1, x + 1)]
+                                               for r in records])
     if progress:
         print(f"tower features for {n} records in {time.perf_counter() - t0:.1f} s")
-    return Features(img, cap, cmask, cfunc, exp, emask, torch.from_numpy(caption_class), neg_img, has_ni,
-                    ncap, ncmask, ncfunc, nexp, nemask, has_nc)
+    return feats
+
+
+_MORE_NEGATIVES = 3  # hard-negative captions per record beyond the first, at most
 
 
 def _fit_len(x: torch.Tensor, length: int) -> torch.Tensor:
