@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (once) and installs clipmatch with the PyTorch side, the CPU
-# onnxruntime and the test tools. Safe to run again: pip skips what is there.
+# onnxruntime, the Triton client and server, and the test tools. Safe to run
+# again: pip skips what is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -12,4 +13,4 @@ python -m pip install -q --upgrade pip
 # torch is pinned to the CPU build; installing it first keeps pip from
 # considering any other build while resolving the rest.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[export,cpu,test]"
+python -m pip install -q -e ".[export,cpu,triton,server,test]"

@@ -13,6 +13,7 @@ from .errors import (BackendError, ClipmatchError, DependencyError, ExportError,
 from .local import Local
 from .matcher import Matcher
 from .results import ImageEncoding, RescoreResult, TextEncoding
+from .triton_executor import Remote, TritonOptions, connect
 
 __version__ = "0.1.0"
 
@@ -30,9 +31,12 @@ __all__ = [
     "ModelError",
     "ModelNotFoundError",
     "ParityError",
+    "Remote",
     "RescoreResult",
     "RuntimeConfig",
     "ShapeError",
     "TextEncoding",
+    "TritonOptions",
+    "connect",
     "__version__",
 ]

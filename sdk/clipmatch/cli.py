@@ -199,6 +199,51 @@ def _load_configs(locations):
         return []
 
 
+def cmd_repository(args) -> int:
+    from .repository import Batching, RepositoryConfig, write_repository
+
+    try:
+        preferred = tuple(int(x) for x in args.preferred_batch_sizes.split(",") if x.strip())
+    except ValueError:
+        raise SystemExit(f"clipmatch: error: --preferred-batch-sizes must be integers, got "
+                         f"{args.preferred_batch_sizes!r}") from None
+    try:
+        batching = Batching(args.max_batch_size, not args.no_dynamic_batching, preferred, args.queue_delay_us)
+        config = RepositoryConfig(args.target, args.precision, instances=args.instances,
+                                  instance_kind=args.instance_kind, default_batching=batching)
+    except ValueError as exc:
+        raise SystemExit(f"clipmatch: error: {exc}") from None
+    names = write_repository(args.export_dir, args.out, config)
+    print(f"wrote {args.target} repository {args.out}: {', '.join(names)}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import signal
+    import threading
+
+    from .server import TritonServer
+
+    server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port,
+                          log_file=args.log_file)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    print(f"Triton is ready, serving {args.repository}\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n"
+          f"  metrics {server.metrics_url}\n  log     {server.log_file}\nCtrl-C or SIGTERM stops it.", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if server.process.poll() is not None:
+                print(f"clipmatch: error: tritonserver exited with code {server.process.returncode}:\n"
+                      f"{server.log_tail()}", file=sys.stderr)
+                return 1
+    finally:
+        code = server.stop()
+    print(f"stopped (tritonserver exit code {code})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipmatch", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -273,6 +318,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gallery-size", type=int, default=None)
     s.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("repository", help="write a Triton model repository for an export")
+    s.add_argument("export_dir", type=Path)
+    s.add_argument("--target", choices=["onnxruntime", "tensorrt", "python"], default="onnxruntime",
+                   help="onnxruntime / tensorrt: NVIDIA's tritonserver container; python: `clipmatch serve` here")
+    s.add_argument("--out", type=Path, default=Path("triton_models"))
+    s.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="which ONNX graphs to serve")
+    s.add_argument("--max-batch-size", type=int, default=64)
+    s.add_argument("--preferred-batch-sizes", default="8,16,32", help="comma-separated")
+    s.add_argument("--queue-delay-us", type=int, default=500, help="dynamic batching queue delay")
+    s.add_argument("--no-dynamic-batching", action="store_true")
+    s.add_argument("--instances", type=int, default=1, help="instances of each model")
+    s.add_argument("--instance-kind", choices=["KIND_CPU", "KIND_GPU", "KIND_AUTO"], default=None)
+    s.set_defaults(func=cmd_repository)
+
+    s = sub.add_parser("serve", help="run a real Triton server here (nvidia-pytriton) until Ctrl-C / SIGTERM")
+    s.add_argument("--repository", type=Path, default=Path("triton_models"),
+                   help="a python-target repository (clipmatch repository EXPORT --target python)")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--log-file", type=Path, default=None)
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("rank", help="rank images for a query with cosine and every head")
     s.add_argument("export_dir", type=Path)

@@ -1,0 +1,241 @@
+"""The Triton model repository, written from one description of the served pipeline.
+
+Every config.pbtxt is generated here from the tensor contract
+(``clipmatch.contract``) and an export's manifest: model names, tensors,
+shapes, dtypes and versions are never kept by hand. Three targets share the
+description:
+
+- ``onnxruntime``: platform ``onnxruntime_onnx``, for NVIDIA's tritonserver container;
+- ``tensorrt``: platform ``tensorrt_plan``, over the engines of ``clipmatch export --tensorrt``;
+- ``python``: the same graphs run by onnxruntime inside Triton's Python
+  backend, the only backend the ``nvidia-pytriton`` server has.
+
+Served: the four components, and ensembles that name the jobs a client does:
+``encode_images`` (pixels -> pooled embedding + tokens, for indexing) and
+``encode_texts`` (ids -> pooled embedding + tokens).
+
+    >>> from clipmatch.contract import IMAGE_TOWER
+    >>> print(render_dims(IMAGE_TOWER.inputs[0], {"image_size": 64}))
+    [ 3, 64, 64 ]
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .contract import COMPONENTS, IMAGE_TOWER, TEXT_TOWER, ComponentSpec, TensorSpec
+from .errors import ModelNotFoundError
+from .manifest import ExportManifest
+
+__all__ = [
+    "TARGETS", "Batching", "RepositoryConfig", "Ensemble", "ENSEMBLES", "write_repository", "render_dims",
+    "model_config_text", "ensemble_config_text", "IDENTITY_PARAMETERS",
+]
+
+TARGETS = ("onnxruntime", "tensorrt", "python")
+_PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
+_FILE = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.onnx"}
+_TYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+# Written into every model's parameters; the client compares them with its own manifest.
+IDENTITY_PARAMETERS = ("clipmatch_model_identity", "clipmatch_tokenizer_identity", "clipmatch_sizes")
+_PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How Triton batches one model's requests."""
+
+    max_batch_size: int = 64
+    dynamic: bool = True
+    preferred_sizes: tuple[int, ...] = (8, 16, 32)
+    max_queue_delay_us: int = 500
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        bad = [s for s in self.preferred_sizes if s < 1]
+        if bad:
+            raise ValueError(f"preferred batch sizes must be >= 1, got {bad}")
+
+
+@dataclass(frozen=True)
+class RepositoryConfig:
+    """Everything a repository is generated from besides the export. ``batching`` overrides
+    ``default_batching`` per component name."""
+
+    target: str = "python"
+    precision: str = "fp32"
+    version: int = 1
+    instances: int = 1
+    instance_kind: str | None = None  # None: KIND_CPU for python, KIND_GPU otherwise
+    default_batching: Batching = Batching()
+    batching: Mapping[str, Batching] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
+        if self.precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        if self.target == "tensorrt" and self.precision != "fp32":
+            raise ValueError("the tensorrt target serves the engines as built; precision applies to ONNX graphs")
+        if self.version < 1 or self.instances < 1:
+            raise ValueError(f"version and instances must be >= 1, got {self.version} and {self.instances}")
+        unknown = set(self.batching) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"batching names unknown components {sorted(unknown)}; known: {sorted(COMPONENTS)}")
+
+    def batching_for(self, component: str) -> Batching:
+        return self.batching.get(component, self.default_batching)
+
+    @property
+    def kind(self) -> str:
+        return self.instance_kind or ("KIND_CPU" if self.target == "python" else "KIND_GPU")
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """A served job: one or more component steps; tensors keep the component's names."""
+
+    name: str
+    steps: tuple[str, ...]  # component names, run in order
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+
+ENSEMBLES = (
+    Ensemble("encode_images", ("image_tower",), IMAGE_TOWER.inputs, IMAGE_TOWER.outputs),
+    Ensemble("encode_texts", ("text_tower",), TEXT_TOWER.inputs, TEXT_TOWER.outputs),
+)
+
+
+# -- rendering ----------------------------------------------------------------------------------
+
+def render_dims(spec: TensorSpec, sizes: Mapping[str, int]) -> str:
+    """Dims after the batch axis (Triton adds the batch itself); dynamic axes are -1."""
+    dims = spec.shape(sizes)[1:]
+    return "[ " + ", ".join("-1" if d is None else str(d) for d in dims) + " ]"
+
+
+def _tensor(spec: TensorSpec, sizes: Mapping[str, int]) -> str:
+    text = f'  {{\n    name: "{spec.name}"\n    data_type: {_TYPE[spec.dtype]}\n'
+    if len(spec.dims) == 1:
+        # One value per row: Triton wants dims [1], reshaped to the graph's (batch,).
+        return text + "    dims: [ 1 ]\n    reshape: { shape: [ ] }\n  }"
+    return text + f"    dims: {render_dims(spec, sizes)}\n  }}"
+
+
+def _tensors(kind: str, specs: Sequence[TensorSpec], sizes: Mapping[str, int]) -> str:
+    return f"{kind} [\n" + ",\n".join(_tensor(s, sizes) for s in specs) + "\n]\n"
+
+
+def _parameters(params: Mapping[str, str]) -> str:
+    return "".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: {json.dumps(v)} }}\n}}\n'
+                   for k, v in params.items())
+
+
+def identity_parameters(manifest: ExportManifest) -> dict[str, str]:
+    return {"clipmatch_model_identity": manifest.model_identity,
+            "clipmatch_tokenizer_identity": manifest.tokenizer_identity,
+            "clipmatch_sizes": json.dumps(manifest.sizes, sort_keys=True)}
+
+
+def model_config_text(component: ComponentSpec, manifest: ExportManifest, config: RepositoryConfig) -> str:
+    batching = config.batching_for(component.name)
+    head = f'name: "{component.name}"\n'
+    if config.target == "python":
+        head += 'backend: "python"\n'
+    else:
+        head += f'platform: "{_PLATFORM[config.target]}"\n'
+    head += f"max_batch_size: {batching.max_batch_size}\n"
+    text = head + _tensors("input", component.inputs, manifest.sizes) + _tensors("output", component.outputs,
+                                                                                  manifest.sizes)
+    if batching.dynamic:
+        preferred = [s for s in batching.preferred_sizes if s <= batching.max_batch_size]
+        text += "dynamic_batching {\n"
+        if preferred:
+            text += f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
+        text += f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n}}\n"
+    text += f"instance_group [\n  {{\n    count: {config.instances}\n    kind: {config.kind}\n  }}\n]\n"
+    text += f"version_policy: {{ specific: {{ versions: [ {config.version} ] }} }}\n"
+    return text + _parameters(identity_parameters(manifest))
+
+
+def ensemble_config_text(ensemble: Ensemble, manifest: ExportManifest, config: RepositoryConfig) -> str:
+    # An ensemble batches no larger than its smallest step.
+    max_batch = min(config.batching_for(s).max_batch_size for s in ensemble.steps)
+    text = f'name: "{ensemble.name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n'
+    text += _tensors("input", ensemble.inputs, manifest.sizes) + _tensors("output", ensemble.outputs,
+                                                                          manifest.sizes)
+    steps = []
+    for name in ensemble.steps:
+        c = COMPONENTS[name]
+        maps = "".join(f'      input_map {{ key: "{t.name}" value: "{t.name}" }}\n' for t in c.inputs)
+        maps += "".join(f'      output_map {{ key: "{t.name}" value: "{t.name}" }}\n' for t in c.outputs)
+        steps.append(f'    {{\n      model_name: "{name}"\n      model_version: {config.version}\n{maps}    }}')
+    text += "ensemble_scheduling {\n  step [\n" + ",\n".join(steps) + "\n  ]\n}\n"
+    return text + _parameters(identity_parameters(manifest))
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+def _source_file(manifest: ExportManifest, export_dir: Path, component: str, config: RepositoryConfig) -> Path:
+    files = manifest.components[component]
+    key = "tensorrt" if config.target == "tensorrt" else config.precision
+    if key not in files:
+        hint = ("build them with `clipmatch export --tensorrt` on a machine with TensorRT and a GPU"
+                if key == "tensorrt" else "export again without --no-fp16")
+        raise ModelNotFoundError(f"{export_dir} has no {key} file for {component} ({hint})")
+    path = export_dir / files[key]
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is named in {export_dir}'s manifest but missing")
+    return path
+
+
+def write_repository(export_dir: str | Path, out_dir: str | Path, config: RepositoryConfig = RepositoryConfig()
+                     ) -> list[str]:
+    """Write the repository for one export and return the served model names.
+
+    Existing model folders of the same names are replaced; anything else in
+    ``out_dir`` is left alone.
+    """
+    export_dir, out = Path(export_dir), Path(out_dir)
+    manifest = ExportManifest.read(export_dir)
+    components = [c for c in COMPONENTS.values() if c.name in manifest.components]  # contract order
+    sources = {c.name: _source_file(manifest, export_dir, c.name, config) for c in components}
+    out.mkdir(parents=True, exist_ok=True)
+    names = []
+    for c in components:
+        folder = _fresh(out / c.name)
+        version = folder / str(config.version)
+        version.mkdir()
+        shutil.copyfile(sources[c.name], version / _FILE[config.target])
+        if config.target == "python":
+            shutil.copyfile(_PYTHON_MODEL, version / "model.py")
+        (folder / "config.pbtxt").write_text(model_config_text(c, manifest, config))
+        names.append(c.name)
+    for e in ENSEMBLES:
+        if not set(e.steps) <= set(manifest.components):
+            continue
+        folder = _fresh(out / e.name)
+        (folder / str(config.version)).mkdir()  # Triton wants a version folder, empty for an ensemble
+        (folder / "config.pbtxt").write_text(ensemble_config_text(e, manifest, config))
+        names.append(e.name)
+    return names
+
+
+def _fresh(folder: Path) -> Path:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def with_batching(config: RepositoryConfig, **changes) -> RepositoryConfig:
+    """The same config with every component's batching changed (e.g. ``dynamic=False``)."""
+    return replace(config, default_batching=replace(config.default_batching, **changes),
+                   batching={k: replace(v, **changes) for k, v in config.batching.items()})

@@ -1,0 +1,251 @@
+"""Running the served components on a Triton server, behind the same ``Executor`` protocol as onnxruntime.
+
+``clipmatch.connect(url, export_dir)`` gives a ``Remote``: the very ``Matcher``
+that ``Local`` is (tokenizer, preprocessing, broadcasting, result types), with
+each graph call sent to Triton instead. Large calls are split to the served
+model's max batch size and sent several at a time; results come back in order.
+
+Needs ``tritonclient`` (install extra ``clipmatch[triton]``).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlparse
+
+import numpy as np
+
+from .config import DEFAULT_CONFIG, RuntimeConfig
+from .contract import COMPONENTS
+from .errors import BackendError, DependencyError, IncompatibleModelError
+from .executor import validate_feeds
+from .manifest import ExportManifest
+from .matcher import Matcher, ModelFiles
+
+__all__ = ["TritonOptions", "TritonExecutor", "Remote", "connect"]
+
+_TRITON_DTYPE = {"float32": "FP32", "int64": "INT64"}
+# Server answers worth another try: not there yet, restarting, or overloaded.
+_RETRYABLE = ("unavailable", "connection refused", "connection reset", "failed to connect", "502", "503",
+              "504", "service unavailable", "too many requests", "429", "exceeds the maximum queue",
+              "server is not ready", "timed out", "deadline exceeded", "broken pipe", "remote end closed",
+              "socket closed", "is not ready", "no healthy upstream")
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """How to talk to the server. ``headers`` go with every request (e.g. a gateway's API key);
+    TLS is on for https:// and grpcs:// URLs."""
+
+    timeout_s: float = 30.0
+    retries: int = 4  # extra attempts on unavailable / overloaded answers
+    backoff_s: float = 0.2  # first wait; doubles per attempt
+    max_backoff_s: float = 5.0
+    concurrency: int = 4  # chunks of one call in flight at once
+    headers: Mapping[str, str] = field(default_factory=dict)
+    ssl_ca_file: str | None = None  # CA bundle for the server's certificate
+    ssl_cert_file: str | None = None  # client certificate (mutual TLS)
+    ssl_key_file: str | None = None
+    insecure: bool = False  # skip certificate checks (test servers only)
+
+
+def _import(protocol: str):
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as client
+        else:
+            import tritonclient.http as client
+        from tritonclient.utils import InferenceServerException
+    except ImportError as exc:
+        raise DependencyError("talking to Triton needs tritonclient: pip install 'clipmatch[triton]'") from exc
+    return client, InferenceServerException
+
+
+class TritonExecutor:
+    """``run(component, feeds)`` against a Triton server; one client per thread of the pool."""
+
+    def __init__(self, url: str, manifest: ExportManifest, options: TritonOptions = TritonOptions()):
+        parsed = urlparse(url if "://" in url else f"http://{url}")
+        if parsed.scheme not in ("http", "https", "grpc", "grpcs"):
+            raise ValueError(f"Triton URL {url!r} must start with http://, https://, grpc:// or grpcs://")
+        self.url = url
+        self.protocol = "grpc" if parsed.scheme.startswith("grpc") else "http"
+        self.tls = parsed.scheme in ("https", "grpcs")
+        self.address = parsed.netloc
+        self.manifest = manifest
+        self.options = options
+        self._client_module, self._error = _import(self.protocol)
+        self._client = self._new_client()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, options.concurrency), thread_name_prefix="clipmatch")
+        self._clients: dict[int, object] = {}
+        self._lock = threading.Lock()
+        self.max_batch: dict[str, int] = {}
+
+    # -- connection -------------------------------------------------------------
+
+    def _new_client(self):
+        o = self.options
+        if self.protocol == "grpc":
+            creds = {}
+            if self.tls:
+                creds = {"ssl": True, "root_certificates": o.ssl_ca_file, "private_key": o.ssl_key_file,
+                         "certificate_chain": o.ssl_cert_file}
+            return self._client_module.InferenceServerClient(self.address, **creds)
+        kwargs = {"connection_timeout": o.timeout_s, "network_timeout": o.timeout_s}
+        if self.tls:
+            import gevent.ssl as gssl
+
+            ctx = gssl.create_default_context(cafile=o.ssl_ca_file)
+            if o.ssl_cert_file:
+                ctx.load_cert_chain(o.ssl_cert_file, o.ssl_key_file)
+            if o.insecure:
+                ctx.check_hostname = False
+                ctx.verify_mode = gssl.CERT_NONE
+            kwargs.update(ssl=True, ssl_context_factory=lambda: ctx, insecure=o.insecure)
+        return self._client_module.InferenceServerClient(self.address, **kwargs)
+
+    def _thread_client(self):
+        key = threading.get_ident()
+        with self._lock:
+            if key not in self._clients:
+                self._clients[key] = self._new_client()
+            return self._clients[key]
+
+    def _call(self, what: str, fn):
+        """fn() with retries on answers that mean "try again"; other errors at once."""
+        delay = self.options.backoff_s
+        for attempt in range(self.options.retries + 1):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001 - tritonclient raises several unrelated types
+                message = str(exc)
+                retryable = any(s in message.lower() for s in _RETRYABLE) or isinstance(exc, (ConnectionError,
+                                                                                               OSError))
+                if not retryable:
+                    raise BackendError(f"{self.url}: {what} failed: {message}") from exc
+                if attempt == self.options.retries:
+                    raise BackendError(f"{self.url}: {what} failed after {attempt + 1} attempts; the server is "
+                                       f"unavailable or overloaded: {message}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, self.options.max_backoff_s)
+
+    def model_config(self, name: str) -> dict:
+        def get():
+            cfg = self._client.get_model_config(name, headers=dict(self.options.headers) or None,
+                                                **({"as_json": True} if self.protocol == "grpc" else {}))
+            return cfg.get("config", cfg)
+        return self._call(f"reading the config of model {name!r}", get)
+
+    def check_identity(self) -> None:
+        """Refuse a server whose models are not this export's, saying what differs."""
+        expected = {"clipmatch_model_identity": self.manifest.model_identity,
+                    "clipmatch_tokenizer_identity": self.manifest.tokenizer_identity,
+                    "clipmatch_sizes": json.dumps(self.manifest.sizes, sort_keys=True)}
+        for name in [c for c in COMPONENTS if c in self.manifest.components]:  # contract order
+            cfg = self.model_config(name)
+            params = {k: (v.get("string_value") if isinstance(v, dict) else v)
+                      for k, v in (cfg.get("parameters") or {}).items()}
+            diffs = [f"{k}: server {params.get(k)!r}, local {v!r}" for k, v in expected.items() if params.get(k) != v]
+            if diffs:
+                raise IncompatibleModelError(f"{self.url} serves a different {name} than the export in "
+                                             f"{self.manifest_dir}: " + "; ".join(diffs))
+            self.max_batch[name] = int(cfg.get("max_batch_size") or 0) or 1 << 30
+
+    manifest_dir = "the local folder"
+
+    def health_check(self) -> None:
+        """A real inference: one text through the text tower (not only a liveness ping)."""
+        ids = np.array([[0, 1]], dtype=np.int64)
+        self.run("text_tower", {"input_ids": ids, "attention_mask": np.ones_like(ids)})
+
+    # -- inference --------------------------------------------------------------
+
+    def run(self, component: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        validate_feeds(component, feeds, self.manifest.sizes)
+        n = next(iter(feeds.values())).shape[0]
+        step = self.max_batch.get(component, n) or n
+        chunks = [{k: np.ascontiguousarray(v[s:s + step]) for k, v in feeds.items()} for s in range(0, n, step)]
+        if len(chunks) == 1:  # no pool hop; still this thread's own client (HTTP clients are per thread)
+            parts = [self._infer(component, chunks[0], self._thread_client())]
+        else:
+            parts = list(self._pool.map(lambda c: self._infer(component, c, self._thread_client()), chunks))
+        return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+    def _infer(self, component: str, feeds: Mapping[str, np.ndarray], client) -> dict[str, np.ndarray]:
+        spec = COMPONENTS[component]
+        mod = self._client_module
+
+        def send():
+            inputs = []
+            for t in spec.inputs:
+                x = feeds[t.name]
+                i = mod.InferInput(t.name, list(x.shape), _TRITON_DTYPE[t.dtype])
+                i.set_data_from_numpy(x)
+                inputs.append(i)
+            outputs = [mod.InferRequestedOutput(t.name) for t in spec.outputs]
+            kwargs = {"headers": dict(self.options.headers) or None}
+            if self.protocol == "grpc":
+                kwargs["client_timeout"] = self.options.timeout_s
+            result = client.infer(component, inputs, outputs=outputs, **kwargs)
+            return {t.name: result.as_numpy(t.name) for t in spec.outputs}
+
+        rows = next(iter(feeds.values())).shape[0]
+        out = self._call(f"inference on {component} ({rows} rows)", send)
+        for t in spec.outputs:
+            if len(t.dims) == 1:
+                out[t.name] = out[t.name].reshape(rows)  # served as (rows, 1)
+            if out[t.name].shape[0] != rows:
+                raise BackendError(f"{self.url}: {component} returned {out[t.name].shape[0]} rows of "
+                                   f"{t.name} for {rows} inputs")
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        for c in [self._client, *self._clients.values()]:
+            try:
+                c.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                pass
+        self._clients.clear()
+
+
+class Remote(Matcher):
+    """The ``Matcher`` of an export whose graphs are served by Triton."""
+
+    def __init__(self, url: str, export_dir: str | Path, config: RuntimeConfig = DEFAULT_CONFIG,
+                 options: TritonOptions = TritonOptions(), *, health_check: bool = True):
+        files = ModelFiles.load(export_dir)
+        executor = TritonExecutor(url, files.manifest, options)
+        executor.manifest_dir = str(export_dir)
+        try:
+            executor.check_identity()
+            if health_check:
+                executor.health_check()
+        except BaseException:
+            executor.close()
+            raise
+        super().__init__(files, executor, config)
+
+    def close(self) -> None:
+        self.executor.close()
+
+    def __enter__(self) -> "Remote":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(url: str, export_dir: str | Path, *, config: RuntimeConfig = DEFAULT_CONFIG, **options) -> Remote:
+    """A ``Remote`` for the Triton server at ``url`` (http://, https://, grpc:// or grpcs://) that
+    serves the export in ``export_dir`` (its manifest and tokenizer stay on the client).
+
+    >>> m = clipmatch.connect("grpc://localhost:8001", "exports/default")  # doctest: +SKIP
+    >>> m.rescore("a red circle left of a blue square", ["a.png", "b.png"]).dcsm  # doctest: +SKIP
+    """
+    return Remote(url, export_dir, config, TritonOptions(**options))

@@ -1,0 +1,107 @@
+"""The generated model repositories: every config parses as Triton's own ModelConfig message."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from clipmatch.errors import ModelNotFoundError
+from clipmatch.manifest import EXPORT_MANIFEST
+from clipmatch.repository import Batching, RepositoryConfig, write_repository
+
+model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+text_format = pytest.importorskip("google.protobuf.text_format")
+
+
+def parse(path):
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.fixture()
+def export_with_engines(export_copy):
+    """The tiny export with an engine file named for every component, as `clipmatch export --tensorrt`
+    records them (the engines themselves need TensorRT and a GPU; here only their place matters)."""
+    manifest = json.loads((export_copy / EXPORT_MANIFEST).read_text())
+    (export_copy / "tensorrt").mkdir()
+    for name, files in manifest["components"].items():
+        (export_copy / "tensorrt" / f"{name}.plan").write_bytes(b"engine bytes for " + name.encode())
+        files["tensorrt"] = f"tensorrt/{name}.plan"
+    (export_copy / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    return export_copy
+
+
+@pytest.mark.parametrize("target,platform,file", [("onnxruntime", "onnxruntime_onnx", "model.onnx"),
+                                                  ("tensorrt", "tensorrt_plan", "model.plan"),
+                                                  ("python", "", "model.onnx")])
+def test_every_config_parses_and_names_its_platform_and_file(export_with_engines, tmp_path, target, platform, file):
+    out = tmp_path / "repo"
+    names = write_repository(export_with_engines, out, RepositoryConfig(target=target))
+    assert names == ["image_tower", "text_tower", "entity_heads", "dcsm", "encode_images", "encode_texts"]
+    manifest = json.loads((export_with_engines / EXPORT_MANIFEST).read_text())
+    for name in names[:4]:
+        cfg = parse(out / name / "config.pbtxt")
+        assert cfg.name == name and cfg.platform == platform
+        assert cfg.backend == ("python" if target == "python" else "")
+        served = out / name / "1" / file
+        source = export_with_engines / manifest["components"][name]["tensorrt" if target == "tensorrt" else "fp32"]
+        assert served.read_bytes() == source.read_bytes()
+        assert (out / name / "1" / "model.py").exists() == (target == "python")
+        assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+        assert cfg.instance_group[0].kind == (model_config_pb2.ModelInstanceGroup.KIND_CPU if target == "python"
+                                              else model_config_pb2.ModelInstanceGroup.KIND_GPU)
+        params = {k: v.string_value for k, v in cfg.parameters.items()}
+        assert params["clipmatch_model_identity"] == manifest["identity"]["model"]
+    ens = parse(out / "encode_images" / "config.pbtxt")
+    assert ens.platform == "ensemble" and [s.model_name for s in ens.ensemble_scheduling.step] == ["image_tower"]
+
+
+def test_config_matches_the_tensor_contract(export_copy, tmp_path):
+    from clipmatch.contract import COMPONENTS
+
+    sizes = json.loads((export_copy / EXPORT_MANIFEST).read_text())["sizes"]
+    write_repository(export_copy, tmp_path / "repo", RepositoryConfig(target="onnxruntime"))
+    for name, spec in COMPONENTS.items():
+        cfg = parse(tmp_path / "repo" / name / "config.pbtxt")
+        for served, contract in ((cfg.input, spec.inputs), (cfg.output, spec.outputs)):
+            assert [t.name for t in served] == [t.name for t in contract]
+            for t, c in zip(served, contract):
+                assert model_config_pb2.DataType.Name(t.data_type) == {"float32": "TYPE_FP32",
+                                                                       "int64": "TYPE_INT64"}[c.dtype]
+                want = [-1 if d is None else d for d in c.shape(sizes)[1:]] or [1]
+                assert list(t.dims) == want, (name, t.name)
+
+
+def test_batching_and_instances_are_set_from_one_place(export_copy, tmp_path):
+    config = RepositoryConfig(target="onnxruntime", precision="fp16", instances=2, instance_kind="KIND_CPU",
+                              default_batching=Batching(16, True, (4, 8, 32), 200),
+                              batching={"dcsm": Batching(8, False)})
+    write_repository(export_copy, tmp_path / "repo", config)
+    tower = parse(tmp_path / "repo" / "image_tower" / "config.pbtxt")
+    assert tower.max_batch_size == 16 and list(tower.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert tower.dynamic_batching.max_queue_delay_microseconds == 200 and tower.instance_group[0].count == 2
+    dcsm = parse(tmp_path / "repo" / "dcsm" / "config.pbtxt")
+    assert dcsm.max_batch_size == 8 and not dcsm.HasField("dynamic_batching")
+    manifest = json.loads((export_copy / EXPORT_MANIFEST).read_text())
+    assert (tmp_path / "repo" / "dcsm" / "1" / "model.onnx").read_bytes() == \
+        (export_copy / manifest["components"]["dcsm"]["fp16"]).read_bytes()
+
+
+def test_missing_engines_and_bad_settings_are_refused_clearly(export_copy, tmp_path):
+    with pytest.raises(ModelNotFoundError, match=r"no tensorrt file for image_tower .*--tensorrt"):
+        write_repository(export_copy, tmp_path / "repo", RepositoryConfig(target="tensorrt"))
+    with pytest.raises(ValueError, match="target must be one of"):
+        RepositoryConfig(target="tensorflow")
+    with pytest.raises(ValueError, match="unknown components"):
+        RepositoryConfig(batching={"image_encoder": Batching()})
+    shutil.rmtree(export_copy / "tensorrt", ignore_errors=True)
+
+
+def test_cli_writes_a_repository(export_copy, tmp_path, capsys):
+    from clipmatch.cli import main
+
+    assert main(["repository", str(export_copy), "--target", "python", "--out", str(tmp_path / "r"),
+                 "--max-batch-size", "8", "--preferred-batch-sizes", "2,4"]) == 0
+    cfg = parse(tmp_path / "r" / "text_tower" / "config.pbtxt")
+    assert cfg.max_batch_size == 8 and list(cfg.dynamic_batching.preferred_batch_size) == [2, 4]
+    assert "encode_texts" in capsys.readouterr().out

@@ -1,0 +1,234 @@
+"""Against a real Triton Inference Server (nvidia-pytriton's tritonserver, Python backend) on loopback."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("tritonclient.http")
+pytest.importorskip("pytriton")
+
+import clipmatch  # noqa: E402
+from clipmatch.errors import BackendError, IncompatibleModelError, InputError, ShapeError  # noqa: E402
+from clipmatch.manifest import EXPORT_MANIFEST  # noqa: E402
+from clipmatch.repository import RepositoryConfig, write_repository  # noqa: E402
+from clipmatch.server import TritonServer, free_port  # noqa: E402
+
+TEXTS = ["a red circle left of a blue square", "a photo of the Kestrel-7 valve", "no", "a cat and no dog"]
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (30 + i % 7, 40, 3), dtype=np.uint8)) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def repository(tiny_export_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("triton") / "repo"
+    write_repository(tiny_export_dir, out, RepositoryConfig(target="python"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(repository):
+    with TritonServer(repository, free_port(), free_port(), free_port(), threads_per_model=1) as s:
+        yield s
+
+
+@pytest.fixture(scope="module", params=["http", "grpc"])
+def remote(request, server, tiny_export_dir):
+    url = server.http_url if request.param == "http" else server.grpc_url
+    with clipmatch.connect(url, tiny_export_dir) as m:
+        yield m
+
+
+def test_served_scores_equal_the_in_process_runtime(remote, local):
+    imgs = images(150)  # over the served max batch size (64): split, sent concurrently, reassembled
+    a, b = local.encode_images(imgs), remote.encode_images(imgs)
+    assert np.abs(a.tokens - b.tokens).max() <= 1e-5 and np.abs(a.embeds - b.embeds).max() <= 1e-5
+    ta, tb = local.encode_texts(TEXTS), remote.encode_texts(TEXTS)
+    assert np.abs(ta.tokens - tb.tokens).max() <= 1e-5
+    for query, explanation in ((TEXTS[0], None), (TEXTS[1], "a blue circle with yellow stripes")):
+        ra = local.rescore(query, a[:20], explanation=explanation)
+        rb = remote.rescore(query, b[:20], explanation=explanation)
+        for score in ("cosine", "match_prob", "entity_score", "dcsm"):
+            assert np.abs(getattr(ra, score) - getattr(rb, score)).max() <= 1e-5, score
+
+
+def test_ensemble_equals_its_member_model(server):
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(server.http_url.removeprefix("http://"))
+    try:
+        size = json.loads(client.get_model_config("image_tower")["parameters"]["clipmatch_sizes"]["string_value"])
+        px = np.random.default_rng(3).standard_normal((3, 3, size["image_size"], size["image_size"])).astype(
+            np.float32)
+        outs = {}
+        for model in ("encode_images", "image_tower"):
+            i = th.InferInput("pixel_values", list(px.shape), "FP32")
+            i.set_data_from_numpy(px)
+            r = client.infer(model, [i])
+            outs[model] = (r.as_numpy("image_embeds"), r.as_numpy("image_tokens"))
+        for x, y in zip(outs["encode_images"], outs["image_tower"]):
+            np.testing.assert_array_equal(x, y)
+    finally:
+        client.close()
+
+
+def _stats(client, model):
+    s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    return int(s["inference_count"]), int(s["execution_count"])
+
+
+def _metric(server, model, name="nv_inference_count"):
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    m = re.search(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\d+)', text, re.M)
+    return int(m.group(1)) if m else 0
+
+
+def test_dynamic_batching_batches_concurrent_requests_and_metrics_count_them(server):
+    import tritonclient.grpc as tg
+
+    client = tg.InferenceServerClient(server.grpc_url.removeprefix("grpc://"))
+    try:
+        before, metric_before = _stats(client, "text_tower"), _metric(server, "text_tower")
+        ids = np.array([[0, 320, 129, 2]], dtype=np.int64)  # within the tiny vocabulary
+        done, errors = threading.Semaphore(0), []
+
+        def callback(result, error):
+            if error is not None:
+                errors.append(error)
+            done.release()
+
+        requests = 200
+        for _ in range(requests):  # all in flight at once
+            inputs = []
+            for name, x in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
+                i = tg.InferInput(name, list(x.shape), "INT64")
+                i.set_data_from_numpy(x)
+                inputs.append(i)
+            client.async_infer("text_tower", inputs, callback)
+        for _ in range(requests):
+            assert done.acquire(timeout=60)
+        assert not errors, errors[:3]
+        after = _stats(client, "text_tower")
+        inferences, executions = after[0] - before[0], after[1] - before[1]
+        assert inferences == requests
+        assert executions < requests / 2, f"{executions} executions for {requests} requests: barely batched"
+        assert _metric(server, "text_tower") - metric_before == requests
+    finally:
+        client.close()
+
+
+def test_bad_input_gets_clear_errors_naming_the_endpoint(remote, server):
+    with pytest.raises(InputError, match="no images given"):
+        remote.rescore("a cat", [])
+    with pytest.raises(ShapeError, match=r"image_tower: pixel_values must have shape"):
+        remote.executor.run("image_tower", {"pixel_values": np.zeros((1, 3, 5, 5), np.float32)})
+    with pytest.raises(ShapeError, match="must be int64"):
+        remote.executor.run("text_tower", {"input_ids": np.zeros((1, 3), np.float32),
+                                           "attention_mask": np.ones((1, 3), np.int64)})
+    # What a client without clipmatch's checks would send: the server's answer is named, not retried.
+    spec_free = remote.executor
+    with pytest.raises(BackendError, match=re.escape(spec_free.url) + r".*image_tower.*"):
+        spec_free._infer("image_tower", {"pixel_values": np.zeros((1, 3, 5, 5), np.float32)}, spec_free._client)
+
+
+def test_a_server_that_is_down_is_named_after_the_retries(tiny_export_dir):
+    url = f"http://127.0.0.1:{free_port()}"
+    t0 = time.monotonic()
+    with pytest.raises(BackendError, match=re.escape(url) + r".*after 3 attempts.*unavailable"):
+        clipmatch.connect(url, tiny_export_dir, retries=2, backoff_s=0.05)
+    assert time.monotonic() - t0 < 20
+
+
+def test_a_server_of_another_model_is_refused(server, export_copy):
+    manifest = json.loads((export_copy / EXPORT_MANIFEST).read_text())
+    manifest["identity"]["model"] = "0" * 64
+    (export_copy / EXPORT_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IncompatibleModelError, match=r"serves a different image_tower .*clipmatch_model_identity"):
+        clipmatch.connect(server.grpc_url, export_copy)
+
+
+def test_a_taken_port_is_refused_by_name(repository):
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(BackendError, match=rf"port {port} \(grpc\) is already in use"):
+            TritonServer(repository, free_port(), port, free_port()).start()
+
+
+def test_a_restart_mid_run_is_survived_with_nothing_lost_or_duplicated(repository, tiny_export_dir, local):
+    ports = (free_port(), free_port(), free_port())
+    first = TritonServer(repository, *ports).start()
+    results, errors = {}, []
+    texts = [f"a red circle number {i}" for i in range(40)]
+    with clipmatch.connect(first.http_url, tiny_export_dir, retries=12, backoff_s=0.2, max_backoff_s=1.0) as m:
+        def work():
+            try:
+                for i, t in enumerate(texts):
+                    results[i] = m.encode_texts([t]).embeds[0]
+                    time.sleep(0.1)
+            except Exception as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        worker = threading.Thread(target=work)
+        worker.start()
+        time.sleep(0.8)
+        first.stop()
+        second = TritonServer(repository, *ports).start()
+        try:
+            worker.join(120)
+        finally:
+            second.stop()
+    assert not errors, errors
+    assert sorted(results) == list(range(len(texts)))
+    expected = local.encode_texts(texts).embeds
+    assert np.abs(np.stack([results[i] for i in range(len(texts))]) - expected).max() <= 1e-5
+
+
+def test_serve_command_starts_prints_endpoints_and_stops_on_sigterm(repository):
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "clipmatch.cli", "serve", "--repository", str(repository),
+                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    lines = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            lines.append(line)
+            if "Ctrl-C" in line or not line:
+                break
+        text = "".join(lines)
+        assert f"http://127.0.0.1:{http}" in text and f"grpc://127.0.0.1:{grpc}" in text, text
+        with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5) as r:
+            assert r.status == 200
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "stopped (tritonserver exit code 0)" in rest, rest
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2)
+
+
+def test_concurrent_callers_share_one_remote(remote, local):
+    texts = [f"a blue square number {i}" for i in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda t: remote.encode_texts([t]).embeds[0], texts))
+    assert np.abs(np.stack(got) - local.encode_texts(texts).embeds).max() <= 1e-5
