@@ -6,6 +6,7 @@
 
 Importing clipmatch never imports torch.
 """
+from . import aio
 from .config import RuntimeConfig
 from .errors import (BackendError, ClipmatchError, DependencyError, ExportError, ImageError,
                      IncompatibleModelError, InputError, ModelError, ModelNotFoundError, ParityError,
@@ -39,4 +40,5 @@ __all__ = [
     "TritonOptions",
     "connect",
     "__version__",
+    "aio",
 ]

@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="which ONNX graphs to serve")
     s.add_argument("--max-batch-size", type=int, default=64)
     s.add_argument("--preferred-batch-sizes", default="8,16,32", help="comma-separated")
-    s.add_argument("--queue-delay-us", type=int, default=500, help="dynamic batching queue delay")
+    s.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batching queue delay")
     s.add_argument("--no-dynamic-batching", action="store_true")
     s.add_argument("--instances", type=int, default=1, help="instances of each model")
     s.add_argument("--instance-kind", choices=["KIND_CPU", "KIND_GPU", "KIND_AUTO"], default=None)

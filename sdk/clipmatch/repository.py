@@ -51,7 +51,9 @@ class Batching:
     max_batch_size: int = 64
     dynamic: bool = True
     preferred_sizes: tuple[int, ...] = (8, 16, 32)
-    max_queue_delay_us: int = 500
+    # Short: under load, batches form while the instance is busy anyway; an idle
+    # server should not hold a lone request (measured: 500 us added 0.5 ms to p50).
+    max_queue_delay_us: int = 100
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:

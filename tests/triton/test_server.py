@@ -232,3 +232,20 @@ def test_concurrent_callers_share_one_remote(remote, local):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda t: remote.encode_texts([t]).embeds[0], texts))
     assert np.abs(np.stack(got) - local.encode_texts(texts).embeds).max() <= 1e-5
+
+
+def test_asyncio_clients_share_the_core_and_agree(server, tiny_export_dir, local):
+    import asyncio
+
+    imgs = images(12, seed=5)
+    queries = ["a red circle", "a blue square left of a green star", "no cat", "the Orrin pump"]
+
+    async def run(url):
+        async with await clipmatch.aio.connect(url, tiny_export_dir) as m:
+            gallery = await m.encode_images(imgs)
+            return await asyncio.gather(*(m.rescore(q, gallery, explanation="a round thing") for q in queries))
+
+    for url in (server.http_url, server.grpc_url):
+        for q, got in zip(queries, asyncio.run(run(url))):
+            want = local.rescore(q, imgs, explanation="a round thing")
+            assert np.abs(got.dcsm - want.dcsm).max() <= 1e-5 and np.abs(got.match_prob - want.match_prob).max() <= 1e-5
