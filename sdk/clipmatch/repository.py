@@ -10,9 +10,11 @@ description:
 - ``python``: the same graphs run by onnxruntime inside Triton's Python
   backend, the only backend the ``nvidia-pytriton`` server has.
 
-Served: the four components, and ensembles that name the jobs a client does:
+Served: the four components; ensembles that name the jobs a client does:
 ``encode_images`` (pixels -> pooled embedding + tokens, for indexing) and
-``encode_texts`` (ids -> pooled embedding + tokens).
+``encode_texts`` (ids -> pooled embedding + tokens); and ``rescore`` (a query,
+its explanation and K cached candidates' image tokens in, the cosine, GI-ITM
+and DCSM scores out), a Python-backend model over the batched components.
 
     >>> from clipmatch.contract import IMAGE_TOWER
     >>> print(render_dims(IMAGE_TOWER.inputs[0], {"image_size": 64}))
@@ -109,6 +111,22 @@ class Ensemble:
     outputs: tuple[TensorSpec, ...]
 
 
+# The rescoring job: one query (one row) against K cached candidates. Not an ensemble:
+# an ensemble's steps share one batch size. A Python-backend model calls the
+# batched components instead (see triton_rescore_model.py); dims here are full shapes.
+RESCORE_NAME = "rescore"
+RESCORE_INPUTS = (
+    TensorSpec("input_ids", "int64", (1, "text_length")),
+    TensorSpec("attention_mask", "int64", (1, "text_length")),
+    TensorSpec("explanation_ids", "int64", (1, "explanation_length")),
+    TensorSpec("explanation_mask", "int64", (1, "explanation_length")),
+    TensorSpec("functional_ids", "int64", (1, "text_length")),
+    TensorSpec("image_tokens", "float32", ("batch", "num_image_tokens", "embed_dim")),
+)
+RESCORE_OUTPUTS = tuple(TensorSpec(n, "float32", ("batch",))
+                        for n in ("cosine", "match_prob", "entity_score", "dcsm_logit"))
+_RESCORE_MODEL = Path(__file__).with_name("triton_rescore_model.py")
+
 ENSEMBLES = (
     Ensemble("encode_images", ("image_tower",), IMAGE_TOWER.inputs, IMAGE_TOWER.outputs),
     Ensemble("encode_texts", ("text_tower",), TEXT_TOWER.inputs, TEXT_TOWER.outputs),
@@ -183,6 +201,21 @@ def ensemble_config_text(ensemble: Ensemble, manifest: ExportManifest, config: R
     return text + _parameters(identity_parameters(manifest))
 
 
+def rescore_config_text(manifest: ExportManifest, config: RepositoryConfig) -> str:
+    def full(spec: TensorSpec) -> str:
+        dims = ", ".join("-1" if d is None else str(d) for d in spec.shape(manifest.sizes))
+        return (f'  {{\n    name: "{spec.name}"\n    data_type: {_TYPE[spec.dtype]}\n'
+                f"    dims: [ {dims} ]\n  }}")
+
+    pair_batch = min(config.batching_for(c).max_batch_size for c in ("entity_heads", "dcsm"))
+    text = f'name: "{RESCORE_NAME}"\nbackend: "python"\nmax_batch_size: 0\n'
+    text += "input [\n" + ",\n".join(full(t) for t in RESCORE_INPUTS) + "\n]\n"
+    text += "output [\n" + ",\n".join(full(t) for t in RESCORE_OUTPUTS) + "\n]\n"
+    text += f"instance_group [\n  {{\n    count: {config.instances}\n    kind: KIND_CPU\n  }}\n]\n"
+    text += f"version_policy: {{ specific: {{ versions: [ {config.version} ] }} }}\n"
+    return text + _parameters({**identity_parameters(manifest), "clipmatch_pair_batch": str(pair_batch)})
+
+
 # -- writing ------------------------------------------------------------------------------------
 
 def _source_file(manifest: ExportManifest, export_dir: Path, component: str, config: RepositoryConfig) -> Path:
@@ -220,6 +253,12 @@ def write_repository(export_dir: str | Path, out_dir: str | Path, config: Reposi
             shutil.copyfile(_PYTHON_MODEL, version / "model.py")
         (folder / "config.pbtxt").write_text(model_config_text(c, manifest, config))
         names.append(c.name)
+    if {"text_tower", "entity_heads", "dcsm"} <= set(manifest.components):
+        folder = _fresh(out / RESCORE_NAME)
+        (folder / str(config.version)).mkdir()
+        shutil.copyfile(_RESCORE_MODEL, folder / str(config.version) / "model.py")
+        (folder / "config.pbtxt").write_text(rescore_config_text(manifest, config))
+        names.append(RESCORE_NAME)
     for e in ENSEMBLES:
         if not set(e.steps) <= set(manifest.components):
             continue

@@ -26,6 +26,7 @@ from .errors import BackendError, DependencyError, IncompatibleModelError
 from .executor import validate_feeds
 from .manifest import ExportManifest
 from .matcher import Matcher, ModelFiles
+from .results import RescoreResult
 
 __all__ = ["TritonOptions", "TritonExecutor", "Remote", "connect"]
 
@@ -204,6 +205,37 @@ class TritonExecutor:
                                    f"{t.name} for {rows} inputs")
         return out
 
+    def rescore(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request to the served ``rescore`` model (see triton_rescore_model.py)."""
+        from .repository import RESCORE_INPUTS, RESCORE_NAME, RESCORE_OUTPUTS
+
+        mod = self._client_module
+        client = self._thread_client()
+        k = feeds["image_tokens"].shape[0]
+
+        def send():
+            inputs = []
+            for t in RESCORE_INPUTS:
+                x = np.ascontiguousarray(feeds[t.name])
+                i = mod.InferInput(t.name, list(x.shape), _TRITON_DTYPE[t.dtype])
+                i.set_data_from_numpy(x)
+                inputs.append(i)
+            outputs = [mod.InferRequestedOutput(t.name) for t in RESCORE_OUTPUTS]
+            kwargs = {"headers": dict(self.options.headers) or None}
+            if self.protocol == "grpc":
+                kwargs["client_timeout"] = self.options.timeout_s
+            result = client.infer(RESCORE_NAME, inputs, outputs=outputs, **kwargs)
+            return {t.name: result.as_numpy(t.name).reshape(k) for t in RESCORE_OUTPUTS}
+
+        return self._call(f"rescoring {k} candidates", send)
+
+    def serves(self, model: str) -> bool:
+        try:
+            self.model_config(model)
+        except BackendError:
+            return False
+        return True
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         for c in [self._client, *self._clients.values()]:
@@ -230,6 +262,33 @@ class Remote(Matcher):
             executor.close()
             raise
         super().__init__(files, executor, config)
+        self.served_rescore = executor.serves("rescore") and set(self.heads) == {"entity", "dcsm"}
+
+    def rescore(self, query, candidates, *, explanation=None, heads=None) -> RescoreResult:
+        """As ``Matcher.rescore``; with every head wanted and a text query, in one request to
+        the served ``rescore`` model instead of one per component."""
+        if not self.served_rescore or heads is not None or not isinstance(query, str) \
+                or not (explanation is None or isinstance(explanation, str)):
+            return super().rescore(query, candidates, explanation=explanation, heads=heads)
+        cands = self.encode_images(candidates)
+        q = self._tokens(query)
+        e = q if explanation is None else self._tokens(explanation)
+        out = self.executor.rescore({
+            "input_ids": q.input_ids, "attention_mask": q.attention_mask, "functional_ids": q.functional_ids,
+            "explanation_ids": e.input_ids, "explanation_mask": e.attention_mask,
+            "image_tokens": cands.tokens,
+        })
+        return RescoreResult(cosine=out["cosine"], match_prob=out["match_prob"], entity_score=out["entity_score"],
+                             dcsm=out["dcsm_logit"], explained=explanation is not None,
+                             truncated=bool(q.truncated[0]),
+                             explanation_truncated=explanation is not None and bool(e.truncated[0]),
+                             dcsm_truncated=int(q.lengths[0]) > self.manifest.sizes["dcsm_text_length"])
+
+    def _tokens(self, text: str):
+        """One text's token batch, cut to its own length (as ``encode_texts`` sends it)."""
+        heads = self.manifest.heads
+        batch = self.files.tokenizer([text], functional_words=heads.functional_words if heads else ())
+        return batch.fit(int(batch.lengths[0]))
 
     def close(self) -> None:
         self.executor.close()

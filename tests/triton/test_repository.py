@@ -37,7 +37,7 @@ def export_with_engines(export_copy):
 def test_every_config_parses_and_names_its_platform_and_file(export_with_engines, tmp_path, target, platform, file):
     out = tmp_path / "repo"
     names = write_repository(export_with_engines, out, RepositoryConfig(target=target))
-    assert names == ["image_tower", "text_tower", "entity_heads", "dcsm", "encode_images", "encode_texts"]
+    assert names == ["image_tower", "text_tower", "entity_heads", "dcsm", "rescore", "encode_images", "encode_texts"]
     manifest = json.loads((export_with_engines / EXPORT_MANIFEST).read_text())
     for name in names[:4]:
         cfg = parse(out / name / "config.pbtxt")
@@ -52,6 +52,9 @@ def test_every_config_parses_and_names_its_platform_and_file(export_with_engines
                                               else model_config_pb2.ModelInstanceGroup.KIND_GPU)
         params = {k: v.string_value for k, v in cfg.parameters.items()}
         assert params["clipmatch_model_identity"] == manifest["identity"]["model"]
+    rescore = parse(out / "rescore" / "config.pbtxt")
+    assert rescore.backend == "python" and rescore.max_batch_size == 0 and (out / "rescore" / "1" / "model.py").exists()
+    assert [t.name for t in rescore.output] == ["cosine", "match_prob", "entity_score", "dcsm_logit"]
     ens = parse(out / "encode_images" / "config.pbtxt")
     assert ens.platform == "ensemble" and [s.model_name for s in ens.ensemble_scheduling.step] == ["image_tower"]
 

@@ -89,7 +89,7 @@ def test_ensemble_equals_its_member_model(server):
 
 def _stats(client, model):
     s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    return int(s["inference_count"]), int(s["execution_count"])
+    return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))  # JSON omits zeros
 
 
 def _metric(server, model, name="nv_inference_count"):
@@ -249,3 +249,96 @@ def test_asyncio_clients_share_the_core_and_agree(server, tiny_export_dir, local
         for q, got in zip(queries, asyncio.run(run(url))):
             want = local.rescore(q, imgs, explanation="a round thing")
             assert np.abs(got.dcsm - want.dcsm).max() <= 1e-5 and np.abs(got.match_prob - want.match_prob).max() <= 1e-5
+
+
+class _KeyCheckingGateway:
+    """A reverse proxy on loopback that forwards to Triton's HTTP port only with the right API key."""
+
+    def __init__(self, upstream_port: int, key: str):
+        import http.client
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("x-api-key") != key:
+                    msg = b'{"error":"missing or wrong x-api-key"}'
+                    self.send_response(401)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "x-api-key")}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                r = conn.getresponse()
+                data = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_POST = _forward
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_headers_reach_a_gateway_that_checks_a_key(server, tiny_export_dir, local):
+    gateway = _KeyCheckingGateway(server.ports.http, key="s3cret")
+    try:
+        with pytest.raises(BackendError, match=re.escape(gateway.url) + r".*401|" + re.escape(gateway.url)
+                           + r".*x-api-key"):
+            clipmatch.connect(gateway.url, tiny_export_dir, retries=0)
+        with clipmatch.connect(gateway.url, tiny_export_dir, headers={"x-api-key": "s3cret"}) as m:
+            got = m.encode_texts(TEXTS).embeds
+        assert np.abs(got - local.encode_texts(TEXTS).embeds).max() <= 1e-5
+    finally:
+        gateway.close()
+
+
+def test_served_rescore_answers_in_one_request_and_equals_in_process(remote, server, local):
+    import tritonclient.grpc as tg
+
+    assert remote.served_rescore
+    client = tg.InferenceServerClient(server.grpc_url.removeprefix("grpc://"))
+    try:
+        before = _stats(client, "rescore")[0]
+        gallery = remote.encode_images(images(70, seed=9))  # K over the heads' max batch: chunked inside
+        for query, explanation in (("a blue square left of a red circle and no star", None),
+                                   ("the Kestrel-7 valve", "a blue circle with yellow stripes and a white dot")):
+            got = remote.rescore(query, gallery, explanation=explanation)
+            want = local.rescore(query, gallery, explanation=explanation)
+            for score in ("cosine", "match_prob", "entity_score", "dcsm"):
+                assert np.abs(getattr(got, score) - getattr(want, score)).max() <= 1e-5, score
+            assert (got.explained, got.truncated, got.dcsm_truncated) == \
+                (want.explained, want.truncated, want.dcsm_truncated)
+        assert _stats(client, "rescore")[0] - before == 2
+    finally:
+        client.close()
+
+
+def test_served_rescore_refuses_zero_candidates_by_name(remote):
+    tok = remote._tokens("a cat")
+    p = remote.manifest.sizes
+    with pytest.raises(BackendError, match=r"rescoring 0 candidates failed: .*K = 0"):
+        remote.executor.rescore({"input_ids": tok.input_ids, "attention_mask": tok.attention_mask,
+                                 "functional_ids": tok.functional_ids, "explanation_ids": tok.input_ids,
+                                 "explanation_mask": tok.attention_mask,
+                                 "image_tokens": np.zeros((0, p["num_image_tokens"], p["embed_dim"]), np.float32)})
