@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 from .errors import BackendError, DependencyError
 
@@ -94,12 +95,13 @@ class TritonServer:
 
     def __init__(self, repository: str | Path, http_port: int = 8000, grpc_port: int = 8001,
                  metrics_port: int = 8002, *, log_file: str | Path | None = None, ready_timeout: float = 120.0,
-                 threads_per_model: int | None = None):
+                 threads_per_model: int | None = None, extra_args: Sequence[str] = ()):
         self.repository = Path(repository).resolve()
         self.ports = ServerPorts(http_port, grpc_port, metrics_port)
         self.ready_timeout = ready_timeout
         self.threads_per_model = threads_per_model
         self.log_file = Path(log_file) if log_file else None
+        self.extra_args = tuple(extra_args)  # more tritonserver flags, e.g. --grpc-use-ssl=true
         self.process: subprocess.Popen | None = None
         self._log = None
 
@@ -128,6 +130,7 @@ class TritonServer:
             "--pinned-memory-pool-byte-size=0",
             "--exit-on-error=true",
             "--strict-readiness=true",
+            *self.extra_args,
         ]
 
     def _environment(self, home: Path) -> dict[str, str]:

@@ -342,3 +342,22 @@ def test_served_rescore_refuses_zero_candidates_by_name(remote):
                                  "functional_ids": tok.functional_ids, "explanation_ids": tok.input_ids,
                                  "explanation_mask": tok.attention_mask,
                                  "image_tokens": np.zeros((0, p["num_image_tokens"], p["embed_dim"]), np.float32)})
+
+
+@pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs the openssl command for a certificate")
+def test_grpc_over_tls_with_the_servers_certificate(repository, tiny_export_dir, local, tmp_path):
+    cert, key = tmp_path / "server.crt", tmp_path / "server.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    tls = ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}",
+           f"--grpc-root-cert={cert}"]
+    with TritonServer(repository, free_port(), free_port(), free_port(), extra_args=tls) as s:
+        url = f"grpcs://localhost:{s.ports.grpc}"
+        with clipmatch.connect(url, tiny_export_dir, ssl_ca_file=str(cert)) as m:
+            got = m.encode_texts(TEXTS).embeds
+        assert np.abs(got - local.encode_texts(TEXTS).embeds).max() <= 1e-5
+        # Plain gRPC against the TLS port is refused, and named.
+        with pytest.raises(BackendError, match=re.escape(f"grpc://localhost:{s.ports.grpc}")):
+            clipmatch.connect(f"grpc://localhost:{s.ports.grpc}", tiny_export_dir, retries=1, backoff_s=0.05,
+                              timeout_s=5)
