@@ -8,9 +8,11 @@ Importing clipmatch never imports torch.
 """
 from . import aio
 from .config import RuntimeConfig
-from .errors import (BackendError, ClipmatchError, DependencyError, ExportError, ImageError,
+from .errors import (BackendError, ClipmatchError, DependencyError, ExplainerError, ExportError, ImageError,
                      IncompatibleModelError, InputError, ModelError, ModelNotFoundError, ParityError,
                      ShapeError, TextError)
+from .explainers import (CachedExplainer, Explanation, KnowledgeBaseExplainer, OpenAIExplainer,
+                         TransformersExplainer)
 from .local import Local
 from .matcher import Matcher
 from .results import ImageEncoding, RescoreResult, TextEncoding
@@ -20,23 +22,29 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendError",
+    "CachedExplainer",
     "ClipmatchError",
     "DependencyError",
+    "ExplainerError",
+    "Explanation",
     "ExportError",
     "ImageEncoding",
     "ImageError",
     "IncompatibleModelError",
     "InputError",
+    "KnowledgeBaseExplainer",
     "Local",
     "Matcher",
     "ModelError",
     "ModelNotFoundError",
+    "OpenAIExplainer",
     "ParityError",
     "Remote",
     "RescoreResult",
     "RuntimeConfig",
     "ShapeError",
     "TextEncoding",
+    "TransformersExplainer",
     "TritonOptions",
     "connect",
     "__version__",

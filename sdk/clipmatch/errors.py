@@ -12,6 +12,7 @@
     ├── ExportError                exporting a model failed
     │   └── ParityError            an exported graph disagrees with its PyTorch source
     ├── BackendError               the runtime underneath (onnxruntime, ...) failed
+    ├── ExplainerError             an explainer cannot be set up (missing knowledge base, bad URL)
     └── DependencyError (ImportError)  an optional dependency is missing
 
 Errors from libraries underneath are translated where they are caught, with
@@ -32,6 +33,7 @@ __all__ = [
     "ExportError",
     "ParityError",
     "BackendError",
+    "ExplainerError",
     "DependencyError",
 ]
 
@@ -100,3 +102,8 @@ class BackendError(ClipmatchError):
 
 class DependencyError(ClipmatchError, ImportError):
     """An optional dependency needed for this call is not installed."""
+
+
+class ExplainerError(ClipmatchError):
+    """An explainer cannot be set up: its knowledge base is missing or malformed, its URL is invalid.
+    A failed or empty explanation at run time is not an error: the result says so."""
