@@ -13,4 +13,4 @@ python -m pip install -q --upgrade pip
 # torch is pinned to the CPU build; installing it first keeps pip from
 # considering any other build while resolving the rest.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[export,cpu,triton,server,test]"
+python -m pip install -q -e ".[export,cpu,triton,server,index,test]"

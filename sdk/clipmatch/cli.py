@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -199,6 +200,21 @@ def _load_configs(locations):
         return []
 
 
+def cmd_index(args) -> int:
+    from .gallery_index import build_index, list_images
+    from .local import Local
+
+    images = list_images(args.images)
+    if not images:
+        raise SystemExit("clipmatch: error: no images given (files or folders with .png/.jpg/... files)")
+    report = build_index(Local(args.export), images, args.out, chunk=args.chunk, kind=args.kind)
+    print(f"{args.out}: {report['total']} images indexed ({report['indexed']} now, {report['already']} before), "
+          f"{len(report['failed'])} unreadable")
+    for f in report["failed"][:20]:
+        print(f"  unreadable: {f['path']}: {f['error']}")
+    return 0
+
+
 def cmd_repository(args) -> int:
     from .repository import Batching, RepositoryConfig, write_repository
 
@@ -341,6 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=8002)
     s.add_argument("--log-file", type=Path, default=None)
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("index", help="encode a gallery into a searchable index (resumable; adds to an existing one)")
+    s.add_argument("images", nargs="+", help="image files or folders")
+    s.add_argument("--out", type=Path, required=True, help="the index folder")
+    s.add_argument("--export", type=Path, default=Path(os.environ.get("CLIPMATCH_EXPORT", "exports/default")),
+                   help="the export to encode with (default $CLIPMATCH_EXPORT or exports/default)")
+    s.add_argument("--kind", choices=["flat", "ivf"], default=None,
+                   help="FAISS index: exact below 50k images, IVF above, unless given")
+    s.add_argument("--chunk", type=int, default=256, help="images per committed chunk")
+    s.set_defaults(func=cmd_index)
 
     s = sub.add_parser("rank", help="rank images for a query with cosine and every head")
     s.add_argument("export_dir", type=Path)

@@ -1,0 +1,205 @@
+"""A searchable gallery on disk: pooled embeddings in FAISS, image tokens in an fp16 memory map.
+
+Layout of an index folder:
+
+- ``index.json``: the model identity, sizes and FAISS kind (written last);
+- ``images.jsonl``: one line per indexed image, ``{"id": i, "path": ...}``;
+  the commit log: an image is indexed once its line is complete;
+- ``embeds.f32`` / ``tokens.f16``: rows in the same order (N x D float32,
+  N x P x D float16), appended chunk by chunk;
+- ``failed.jsonl``: images that could not be read, with the reason;
+- ``faiss.index``: rebuilt from ``embeds.f32`` at the end of every run.
+
+Resumable: a run killed midway leaves at most a torn chunk after the last
+complete line; the next run cuts the arrays back to the committed rows and
+goes on, so every image is indexed exactly once. Adding images works the
+same way. An index records its model and refuses another.
+
+FAISS (``pip install faiss-cpu``): exact inner product below
+``EXACT_LIMIT`` images, else an IVF index trained on the gallery; ``kind``
+overrides.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .errors import DependencyError, ImageError, IncompatibleModelError, InputError, ModelNotFoundError
+from .results import ImageEncoding
+
+__all__ = ["GalleryIndex", "build_index", "EXACT_LIMIT"]
+
+EXACT_LIMIT = 50_000
+_META, _LOG, _EMB, _TOK, _FAILED, _FAISS = ("index.json", "images.jsonl", "embeds.f32", "tokens.f16",
+                                            "failed.jsonl", "faiss.index")
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as exc:
+        raise DependencyError("the gallery index needs FAISS: pip install faiss-cpu") from exc
+    return faiss
+
+
+@dataclass
+class GalleryIndex:
+    """An index folder opened for search."""
+
+    root: Path
+    meta: dict
+    paths: list[str]
+    embeds: np.ndarray  # (N, D) float32, memory-mapped
+    tokens: np.ndarray  # (N, P, D) float16, memory-mapped
+    faiss_index: object
+
+    @classmethod
+    def open(cls, root: str | Path, model_identity: str | None = None) -> "GalleryIndex":
+        root = Path(root)
+        if not (root / _META).is_file():
+            raise ModelNotFoundError(f"{root} is not a clipmatch index (no {_META}); build one with `clipmatch index`")
+        meta = json.loads((root / _META).read_text())
+        if model_identity is not None and meta["model_identity"] != model_identity:
+            raise IncompatibleModelError(f"index {root} was built with model {meta['model_identity'][:12]}, "
+                                         f"not this one ({model_identity[:12]}); index the gallery again")
+        paths = [json.loads(line)["path"] for line in _complete_lines(root / _LOG)]
+        n, d, p = len(paths), meta["embed_dim"], meta["num_image_tokens"]
+        embeds = np.memmap(root / _EMB, np.float32, "r", shape=(n, d)) if n else np.zeros((0, d), np.float32)
+        tokens = np.memmap(root / _TOK, np.float16, "r", shape=(n, p, d)) if n else np.zeros((0, p, d), np.float16)
+        index = _faiss().read_index(str(root / _FAISS))
+        return cls(root, meta, paths, embeds, tokens, index)
+
+    def search(self, query_embeds: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(Q, k) scores and row ids by inner product (cosine: both sides are L2-normalised)."""
+        return self.faiss_index.search(np.ascontiguousarray(query_embeds, dtype=np.float32), k)
+
+
+def _complete_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    return [line for line in data[:end].decode("utf-8").splitlines() if line.strip()]
+
+
+def _truncate(path: Path, size: int) -> None:
+    if path.exists() and path.stat().st_size != size:
+        with open(path, "r+b") as f:
+            f.truncate(size)
+
+
+def _append(path: Path, data: bytes) -> None:
+    with open(path, "ab") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def build_index(matcher, images: Sequence[str | Path], out: str | Path, *, chunk: int = 256,
+                kind: str | None = None, progress: bool = True) -> dict:
+    """Index (or add) ``images`` with ``matcher``'s image tower; returns a report."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    m = matcher.manifest
+    d, p = m.sizes["embed_dim"], m.sizes["num_image_tokens"]
+    if (out / _META).is_file():
+        meta = json.loads((out / _META).read_text())
+        if meta["model_identity"] != m.model_identity:
+            raise IncompatibleModelError(f"index {out} was built with model {meta['model_identity'][:12]}, not "
+                                         f"{m.model_identity[:12]}; use another folder or the same model")
+    lines = _complete_lines(out / _LOG)
+    _truncate(out / _LOG, sum(len(line.encode("utf-8")) + 1 for line in lines))
+    done = {json.loads(line)["path"] for line in lines}
+    n = len(lines)
+    # Cut a torn chunk: the arrays keep exactly the committed rows.
+    _truncate(out / _EMB, n * d * 4)
+    _truncate(out / _TOK, n * p * d * 2)
+    failed_before = {json.loads(line)["path"] for line in _complete_lines(out / _FAILED)}
+    todo = [str(x) for x in dict.fromkeys(str(i) for i in images) if str(x) not in done]
+    report = {"already": len(done), "indexed": 0, "failed": [], "total": 0}
+    t0 = time.perf_counter()
+    for start in range(0, len(todo), chunk):
+        batch = todo[start:start + chunk]
+        try:
+            enc, ok = matcher.encode_images(batch), batch
+        except ImageError:
+            # Some image of the chunk is unreadable: encode one by one, list the bad ones, go on.
+            ok, encs = [], []
+            for path in batch:
+                try:
+                    encs.append(matcher.encode_images([path]))
+                    ok.append(path)
+                except ImageError as exc:
+                    reason = str(exc).split(": ", 1)[-1]
+                    report["failed"].append({"path": path, "error": reason})
+                    if path not in failed_before:
+                        _append(out / _FAILED, (json.dumps({"path": path, "error": reason}) + "\n").encode())
+            enc = ImageEncoding(np.concatenate([e.embeds for e in encs]),
+                                np.concatenate([e.tokens for e in encs])) if encs else None
+        if ok:
+            rows_e, rows_t = enc.embeds.astype(np.float32), enc.tokens.astype(np.float16)
+            _append(out / _EMB, rows_e.tobytes())
+            _append(out / _TOK, rows_t.tobytes())
+            # The commit: these images count as indexed once their lines are complete.
+            _append(out / _LOG, "".join(json.dumps({"id": n + i, "path": path}) + "\n"
+                                        for i, path in enumerate(ok)).encode("utf-8"))
+            n += len(ok)
+            report["indexed"] += len(ok)
+        if progress:
+            seen = start + len(batch)
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            eta = (len(todo) - seen) / max(rate, 1e-9)
+            print(f"\rindex {seen}/{len(todo)} images, {rate:.0f}/s, eta {eta:.0f} s", end="", file=sys.stderr,
+                  flush=True)
+    if progress and todo:
+        print(file=sys.stderr)
+    report["total"] = n
+    kind = kind or ("flat" if n < EXACT_LIMIT else "ivf")
+    _write_faiss(out, n, d, kind)
+    meta = {"format": "clipmatch.index", "format_version": 1, "model_identity": m.model_identity,
+            "tokenizer_identity": m.tokenizer_identity, "embed_dim": d, "num_image_tokens": p, "count": n,
+            "faiss": kind}
+    tmp = out / (_META + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.replace(out / _META)
+    return report
+
+
+def _write_faiss(out: Path, n: int, d: int, kind: str) -> None:
+    faiss = _faiss()
+    embeds = np.fromfile(out / _EMB, np.float32).reshape(n, d) if n else np.zeros((0, d), np.float32)
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), n // 39 or 1))  # FAISS wants >= 39 points per list
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(embeds)
+        index.nprobe = max(1, nlist // 8)
+    else:
+        raise InputError(f"index kind must be 'flat' or 'ivf', got {kind!r}")
+    if n:
+        index.add(embeds)
+    tmp = out / (_FAISS + ".tmp")
+    faiss.write_index(index, str(tmp))
+    tmp.replace(out / _FAISS)
+
+
+def list_images(items: Iterable[str | Path]) -> list[str]:
+    """Files given, and image files under folders given, sorted within each folder."""
+    out: list[str] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            out += sorted(str(p) for p in path.rglob("*")
+                          if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif"))
+        else:
+            out.append(str(path))
+    return out

@@ -1,0 +1,92 @@
+"""The gallery index on real files: kill-and-resume, unreadable images, adding, another model refused."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("faiss")
+
+from clipmatch.errors import IncompatibleModelError  # noqa: E402
+from clipmatch.gallery_index import GalleryIndex, build_index  # noqa: E402
+
+
+def write_images(folder, n, start=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(start)
+    paths = []
+    for i in range(start, start + n):
+        p = folder / f"{i:05d}.png"
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+
+
+def test_index_search_and_tokens_match_the_runtime(local, tmp_path):
+    paths = write_images(tmp_path / "g", 30)
+    report = build_index(local, paths, tmp_path / "idx", chunk=8, progress=False)
+    assert report["total"] == 30 and not report["failed"]
+    idx = GalleryIndex.open(tmp_path / "idx", local.manifest.model_identity)
+    enc = local.encode_images(paths)
+    assert idx.paths == paths
+    assert np.abs(np.asarray(idx.tokens, np.float32) - enc.tokens).max() < 2e-3  # fp16 store
+    scores, ids = idx.search(enc.embeds[:3], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2]
+
+
+def test_unreadable_images_are_reported_not_fatal_and_adding_works(local, tmp_path):
+    paths = write_images(tmp_path / "g", 10)
+    (tmp_path / "g" / "broken.png").write_bytes(b"not a png at all")
+    bad = [str(tmp_path / "g" / "broken.png"), str(tmp_path / "g" / "missing.png")]
+    report = build_index(local, paths[:5] + bad, tmp_path / "idx", chunk=4, progress=False)
+    assert report["total"] == 5 and sorted(f["path"] for f in report["failed"]) == sorted(bad)
+    failed = [json.loads(line) for line in (tmp_path / "idx" / "failed.jsonl").read_text().splitlines()]
+    assert {f["path"] for f in failed} == set(bad) and all(f["error"] for f in failed)
+    again = build_index(local, paths, tmp_path / "idx", chunk=4, progress=False)  # add the other 5
+    assert (again["already"], again["indexed"], again["total"]) == (5, 5, 10)
+    assert GalleryIndex.open(tmp_path / "idx").paths == paths[:5] + paths[5:]
+
+
+def test_an_index_from_another_model_is_refused(local, tmp_path):
+    import dataclasses
+    import types
+
+    build_index(local, write_images(tmp_path / "g", 3), tmp_path / "idx", progress=False)
+    # Another model: only its identity matters before anything is encoded.
+    other = types.SimpleNamespace(manifest=dataclasses.replace(local.manifest, model_identity="f" * 64))
+    with pytest.raises(IncompatibleModelError, match="built with model"):
+        build_index(other, write_images(tmp_path / "g", 2, start=3), tmp_path / "idx", progress=False)
+    with pytest.raises(IncompatibleModelError, match="index the gallery again"):
+        GalleryIndex.open(tmp_path / "idx", "f" * 64)
+    assert len(GalleryIndex.open(tmp_path / "idx", local.manifest.model_identity).paths) == 3
+
+
+def test_kill_and_resume_indexes_every_image_exactly_once(tiny_export_dir, tmp_path):
+    paths = write_images(tmp_path / "g", 600)
+    cmd = [sys.executable, "-m", "clipmatch.cli", "index", str(tmp_path / "g"), "--out", str(tmp_path / "idx"),
+           "--export", str(tiny_export_dir), "--chunk", "16"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    log = tmp_path / "idx" / "images.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not log.exists() or len(log.read_bytes().splitlines()) < 64):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # no chance to clean up
+    proc.wait()
+    partial = len(log.read_bytes().splitlines())
+    assert 0 < partial < 600, "the run was not caught midway"
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["path"] for r in rows] == paths  # every image once, in order
+    assert [r["id"] for r in rows] == list(range(600))
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    assert meta["count"] == 600
+    size = meta["num_image_tokens"] * meta["embed_dim"] * 2
+    assert (tmp_path / "idx" / "tokens.f16").stat().st_size == 600 * size
