@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from clipmatch.matcher import Matcher
+from clipmatch.search import logit, zscore
 
 from .synth.dataset import make_examples
 from .synth.entities import HELD_OUT_ENTITIES, knowledge_base
@@ -79,15 +80,6 @@ def _explanation(caption: str, example) -> str | None:
 _KB = knowledge_base()
 
 
-def _z(x: np.ndarray) -> np.ndarray:
-    return (x - x.mean()) / (x.std() + 1e-6)
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
-
-
 def _scores(matcher: Matcher, captions: Sequence[str], explanations: Sequence[str | None], images) -> dict[str, np.ndarray]:
     """Every column's score for each (caption, image) candidate pair, as (len(captions), len(images))."""
     cos = np.zeros((len(captions), len(images)))
@@ -118,7 +110,7 @@ def image_to_captions(matcher: Matcher, rows: dict[str, list]) -> dict[str, dict
             captions = [ex.caption, *ex.negative_captions]
             s = _scores(matcher, captions, [_explanation(c, ex) for c in captions], image)
             cols = {k: v[:, 0] for k, v in s.items()}
-            cols["combined"] = _z(cols["cosine"]) + _z(cols["dcsm"]) + _z(_logit(cols["mmae_itm"]))
+            cols["combined"] = zscore(cols["cosine"]) + zscore(cols["dcsm"]) + zscore(logit(cols["mmae_itm"]))
             for name, v in cols.items():
                 hits[name] += int(np.argmax(v) == 0 and (v[0] > v[1:]).all())  # ties count as misses
             chance += 1 / len(captions)
@@ -150,7 +142,7 @@ def text_to_image(matcher: Matcher, rows: dict[str, list], config: EvalConfig) -
             short = order[:k]
             res = matcher.rescore(ex.caption, gallery[short], explanation=explanation)
             cols = {"dcsm": res.dcsm, "mmae_itm": res.match_prob}
-            cols["combined"] = _z(res.cosine) + _z(res.dcsm) + _z(_logit(res.match_prob))
+            cols["combined"] = zscore(res.cosine) + zscore(res.dcsm) + zscore(logit(res.match_prob))
             rankings = {"cosine": plain}
             for name, v in cols.items():
                 rankings[name] = np.concatenate([short[np.argsort(-v, kind="stable")], order[k:]])

@@ -215,6 +215,46 @@ def cmd_index(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    from dataclasses import asdict
+
+    from .explainers import CachedExplainer, KnowledgeBaseExplainer, OpenAIExplainer
+    from .gallery_index import GalleryIndex
+    from .local import Local
+    from .search import Searcher
+
+    matcher = Local(args.export)
+    index = GalleryIndex.open(args.index, matcher.manifest.model_identity)
+    explainer = None
+    if args.explain:
+        if args.explain.startswith(("http://", "https://")):
+            if not args.llm_model:
+                raise SystemExit("clipmatch: error: --explain URL needs --llm-model NAME")
+            explainer = OpenAIExplainer(args.explain, args.llm_model)
+        else:
+            explainer = KnowledgeBaseExplainer(args.explain)
+        if args.cache:
+            explainer = CachedExplainer(explainer, args.cache)
+    rescore = tuple(h for h in args.rescore.split(",") if h.strip())
+    result = Searcher(matcher, index, explainer).search(args.query, top_k=args.top_k, shortlist=args.shortlist,
+                                                        rescore=rescore)
+    if args.json:
+        print(json.dumps({"query": result.query, "hits": [asdict(h) for h in result.hits],
+                          "explanation": None if result.explanation is None else asdict(result.explanation),
+                          "timings_ms": result.timings_ms, "notes": result.notes}, indent=2))
+        return 0
+    if result.explanation is not None and result.explanation.ok:
+        print(f"explanation: {result.explanation.text}")
+    for note in result.notes:
+        print(f"note: {note}")
+    from .demo import format_table
+
+    print(format_table([{"rank": h.rank, "fused": h.fused, "cosine": h.cosine,
+                         "gi-itm": "-" if h.match_prob is None else h.match_prob,
+                         "dcsm": "-" if h.dcsm is None else h.dcsm, "image": h.path} for h in result.hits]))
+    return 0
+
+
 def cmd_repository(args) -> int:
     from .repository import Batching, RepositoryConfig, write_repository
 
@@ -367,6 +407,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FAISS index: exact below 50k images, IVF above, unless given")
     s.add_argument("--chunk", type=int, default=256, help="images per committed chunk")
     s.set_defaults(func=cmd_index)
+
+    s = sub.add_parser("search", help="search an index: explanation, cosine shortlist, rescoring, fused ranking")
+    s.add_argument("index", type=Path)
+    s.add_argument("query")
+    s.add_argument("--export", type=Path, default=Path(os.environ.get("CLIPMATCH_EXPORT", "exports/default")),
+                   help="the export the index was built with (default $CLIPMATCH_EXPORT or exports/default)")
+    s.add_argument("--explain", default=None,
+                   help="a knowledge base (.json / .jsonl) or an OpenAI-compatible base URL (http://.../v1)")
+    s.add_argument("--llm-model", default=None, help="model name at the --explain URL")
+    s.add_argument("--cache", type=Path, default=None, help="SQLite explanation cache (default: none)")
+    s.add_argument("--rescore", default="itm,dcsm", help="heads to rescore with: itm, dcsm, both, or ''")
+    s.add_argument("--top-k", type=int, default=10)
+    s.add_argument("--shortlist", type=int, default=100)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("rank", help="rank images for a query with cosine and every head")
     s.add_argument("export_dir", type=Path)

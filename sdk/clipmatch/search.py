@@ -1,0 +1,145 @@
+"""Two-stage search over a gallery index: explanation -> query encoding -> cosine shortlist -> rescoring -> fusion.
+
+Works with any ``Matcher`` (``Local`` or a Triton ``Remote``). The shortlist
+is ranked by the query's cosine plus, when the query has an explanation, the
+explanation's: a name never seen in training finds nothing by itself. The
+heads rescore the shortlist from the index's cached image tokens (no image is
+read again). Each hit carries every score separately and the fused one.
+
+Fusion: within the shortlist each score is z-scored (the match probability
+as a logit) and the fused score is the weighted sum; ``FusionWeights`` holds
+the weights. The defaults weigh the three equally; weights fitted on the
+default model's validation split are still to come.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from .errors import TextError
+from .explainers import Explainer, Explanation
+from .gallery_index import GalleryIndex
+from .results import ImageEncoding
+
+__all__ = ["FusionWeights", "SearchHit", "SearchResult", "Searcher", "STOP_WORDS", "zscore", "logit"]
+
+STOP_WORDS = frozenset(
+    "a an the of in on at to for with and or but is are was were be this that these those there here it its "
+    "photo image picture of some any".split())
+
+
+@dataclass(frozen=True)
+class FusionWeights:
+    cosine: float = 1.0
+    itm: float = 1.0
+    dcsm: float = 1.0
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    rank: int
+    id: int
+    path: str
+    cosine: float
+    fused: float
+    match_prob: float | None = None
+    entity_score: float | None = None
+    dcsm: float | None = None
+
+
+@dataclass
+class SearchResult:
+    query: str
+    hits: list[SearchHit]
+    explanation: Explanation | None
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what the result rests on, e.g. a failed explanation
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """Scores made comparable within one candidate list."""
+    return (x - x.mean()) / (x.std() + 1e-6)
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def check_query(query: str) -> str:
+    if not isinstance(query, str):
+        raise TextError(f"query must be a str, got {type(query).__name__}")
+    words = query.strip().lower().split()
+    if not words:
+        raise TextError("query is empty")
+    if all(w.strip(".,!?;:'\"") in STOP_WORDS for w in words):
+        raise TextError(f"query {query!r} has only stop words; say what to look for")
+    return query.strip()
+
+
+class Searcher:
+    def __init__(self, matcher, index: GalleryIndex, explainer: Explainer | None = None,
+                 weights: FusionWeights = FusionWeights()):
+        if index.meta["model_identity"] != matcher.manifest.model_identity:
+            from .errors import IncompatibleModelError
+
+            raise IncompatibleModelError(f"index {index.root} was built with another model than this matcher's; "
+                                         f"index the gallery again")
+        self.matcher, self.index, self.explainer, self.weights = matcher, index, explainer, weights
+
+    def search(self, query: str, *, top_k: int = 10, shortlist: int = 100,
+               rescore: Sequence[str] = ("itm", "dcsm")) -> SearchResult:
+        query = check_query(query)
+        unknown = set(rescore) - {"itm", "dcsm"}
+        if unknown:
+            raise TextError(f"rescore must name itm and/or dcsm, got {sorted(unknown)}")
+        times: dict[str, float] = {}
+        notes: list[str] = []
+        t = time.perf_counter()
+        explanation = self.explainer.explain(query) if self.explainer is not None else None
+        times["explanation"] = (time.perf_counter() - t) * 1e3
+        if explanation is not None and not explanation.ok:
+            notes.append(f"no explanation: {explanation.error}; searched without one")
+        text = explanation.text if explanation is not None and explanation.ok else None
+
+        t = time.perf_counter()
+        enc = self.matcher.encode_texts([query] if text is None else [query, text])
+        vector = enc.embeds.sum(axis=0, keepdims=True)  # query cosine + explanation cosine
+        if bool(enc.truncated[0]):
+            notes.append("the query was longer than the text context and was cut")
+        times["encode"] = (time.perf_counter() - t) * 1e3
+
+        t = time.perf_counter()
+        n = len(self.index.paths)
+        k = min(shortlist, n)
+        _, ids = self.index.search(vector, k)
+        ids = ids[0][ids[0] >= 0]
+        times["shortlist"] = (time.perf_counter() - t) * 1e3
+
+        t = time.perf_counter()
+        cands = ImageEncoding(np.asarray(self.index.embeds[ids], np.float32),
+                              np.asarray(self.index.tokens[ids], np.float32))
+        heads = [h for h, name in (("entity", "itm"), ("dcsm", "dcsm")) if name in rescore and h in self.matcher.heads]
+        cosine = cands.embeds @ enc.embeds[0]
+        fused = self.weights.cosine * zscore(cosine)
+        r = None
+        if heads:
+            r = self.matcher.rescore(enc.row(0), cands, explanation=None if text is None else enc.row(1),
+                                     heads=heads)
+            if r.match_prob is not None:
+                fused = fused + self.weights.itm * zscore(logit(r.match_prob))
+            if r.dcsm is not None:
+                fused = fused + self.weights.dcsm * zscore(r.dcsm)
+        times["rescore"] = (time.perf_counter() - t) * 1e3
+
+        order = np.argsort(-fused, kind="stable")[:top_k]
+        hits = [SearchHit(rank=i + 1, id=int(ids[j]), path=self.index.paths[int(ids[j])], cosine=float(cosine[j]),
+                          fused=float(fused[j]),
+                          match_prob=None if r is None or r.match_prob is None else float(r.match_prob[j]),
+                          entity_score=None if r is None or r.entity_score is None else float(r.entity_score[j]),
+                          dcsm=None if r is None or r.dcsm is None else float(r.dcsm[j]))
+                for i, j in enumerate(order)]
+        return SearchResult(query, hits, explanation, times, notes)
