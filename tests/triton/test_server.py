@@ -361,3 +361,25 @@ def test_grpc_over_tls_with_the_servers_certificate(repository, tiny_export_dir,
         with pytest.raises(BackendError, match=re.escape(f"grpc://localhost:{s.ports.grpc}")):
             clipmatch.connect(f"grpc://localhost:{s.ports.grpc}", tiny_export_dir, retries=1, backoff_s=0.05,
                               timeout_s=5)
+
+
+def test_search_gives_the_same_results_in_process_and_through_triton(remote, local, tmp_path):
+    pytest.importorskip("faiss")
+    from clipmatch.explainers import KnowledgeBaseExplainer
+    from clipmatch.gallery_index import GalleryIndex, build_index
+    from clipmatch.search import Searcher
+
+    paths = []
+    for i, img in enumerate(images(40, seed=11)):
+        paths.append(str(tmp_path / f"{i}.png"))
+        img.save(paths[-1])
+    build_index(local, paths, tmp_path / "idx", progress=False)
+    index = GalleryIndex.open(tmp_path / "idx")
+    kb = KnowledgeBaseExplainer({"Orrin pump": "a green star with purple checks"})
+    for query in ("the Orrin pump", "a red circle left of a blue square"):
+        a = Searcher(local, index, kb).search(query, top_k=10, shortlist=25)
+        b = Searcher(remote, index, kb).search(query, top_k=10, shortlist=25)
+        assert [h.id for h in a.hits] == [h.id for h in b.hits]
+        for x, y in zip(a.hits, b.hits):
+            assert abs(x.fused - y.fused) <= 1e-4 and abs(x.dcsm - y.dcsm) <= 1e-5
+            assert abs(x.match_prob - y.match_prob) <= 1e-5 and abs(x.cosine - y.cosine) <= 1e-5
