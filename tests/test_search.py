@@ -104,11 +104,34 @@ def test_search_cli_prints_every_score_as_json(tiny_export_dir, tiny_index, tmp_
     kb.write_text(json.dumps({"Orrin pump": "a green star with purple checks"}))
     out = subprocess.run([sys.executable, "-m", "clipmatch.cli", "search", str(tiny_index.root), "the orrin PUMP",
                           "--export", str(tiny_export_dir), "--explain", str(kb), "--cache", str(tmp_path / "c.db"),
-                          "--top-k", "3", "--shortlist", "10", "--json"], capture_output=True, text=True, timeout=120)
+                          "--top-k", "3", "--shortlist", "10", "--json", "--heatmap", str(tmp_path / "why.png")],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     data = json.loads(out.stdout)
     assert data["explanation"]["text"] == "a green star with purple checks" and len(data["hits"]) == 3
     assert {"cosine", "match_prob", "entity_score", "dcsm", "fused", "path"} <= set(data["hits"][0])
+    assert Image.open(tmp_path / "why.png").size[1] == 180 and "heatmap of hit 1" in out.stderr
     bad = subprocess.run([sys.executable, "-m", "clipmatch.cli", "search", str(tiny_index.root), "the",
                           "--export", str(tiny_export_dir)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "only stop words" in bad.stderr
+
+
+def test_heatmap_puts_a_word_where_its_tokens_match(local, tiny_index, tmp_path):
+    from clipmatch.heatmap import render_heatmap, word_maps
+
+    # A synthetic map: token 1 is patch 2's own token, so its map must peak at patch 2.
+    p = local.manifest.sizes["num_image_tokens"]
+    d = local.manifest.sizes["embed_dim"]
+    grid = int(round((p - 1) ** 0.5))
+    rng = np.random.default_rng(0)
+    img = rng.standard_normal((p, d)).astype(np.float32) * 0.01
+    txt = np.zeros((4, d), np.float32)
+    txt[1] = img[1 + 2]  # token 1 equals patch 2's token: its map peaks there
+    img[1 + 2] *= 100
+    maps, keep = word_maps(img, txt, np.array([1, 1, 1, 0]), np.zeros(4, np.int64), np.array([0, 5, 6, 0]), {0})
+    assert keep == [1, 2] and np.unravel_index(maps[0].argmax(), maps[0].shape) == divmod(2, grid)
+    out = render_heatmap(local, tiny_index.paths[0], tiny_index.tokens[0], "a red circle", tmp_path / "h.png")
+    png = Image.open(out)
+    words = len(local.files.tokenizer(["a red circle"]).input_ids[0][local.files.tokenizer(["a red circle"])
+                                                                       .attention_mask[0] > 0]) - 2
+    assert png.size == (160 * (1 + words), 180)

@@ -238,6 +238,14 @@ def cmd_search(args) -> int:
     rescore = tuple(h for h in args.rescore.split(",") if h.strip())
     result = Searcher(matcher, index, explainer).search(args.query, top_k=args.top_k, shortlist=args.shortlist,
                                                         rescore=rescore)
+    if args.heatmap is not None:
+        from .heatmap import render_heatmap
+
+        if not 1 <= args.heatmap_rank <= len(result.hits):
+            raise SystemExit(f"clipmatch: error: --heatmap-rank must be within 1..{len(result.hits)}")
+        hit = result.hits[args.heatmap_rank - 1]
+        render_heatmap(matcher, hit.path, index.tokens[hit.id], result.query, args.heatmap)
+        print(f"heatmap of hit {hit.rank} ({hit.path}) written to {args.heatmap}", file=sys.stderr)
     if args.json:
         print(json.dumps({"query": result.query, "hits": [asdict(h) for h in result.hits],
                           "explanation": None if result.explanation is None else asdict(result.explanation),
@@ -421,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=10)
     s.add_argument("--shortlist", type=int, default=100)
     s.add_argument("--json", action="store_true")
+    s.add_argument("--heatmap", type=Path, default=None, help="write the DCSM map of one hit over its image (PNG)")
+    s.add_argument("--heatmap-rank", type=int, default=1, help="which hit --heatmap draws")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("rank", help="rank images for a query with cosine and every head")

@@ -266,6 +266,11 @@ class ClipTokenizer:
             f"identity={self.identity[:12]})"
         )
 
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids of the special tokens (start, end, padding, unknown)."""
+        return set(self._special_ids)
+
     @classmethod
     def from_dir(cls, path: str | Path, *, context_length: int | None = None) -> ClipTokenizer:
         """Load ``tokenizer.json``, or else ``vocab.json`` + ``merges.txt``, from a folder.
