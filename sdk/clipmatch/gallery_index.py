@@ -35,7 +35,7 @@ import numpy as np
 from .errors import DependencyError, ImageError, IncompatibleModelError, InputError, ModelNotFoundError
 from .results import ImageEncoding
 
-__all__ = ["GalleryIndex", "build_index", "EXACT_LIMIT"]
+__all__ = ["GalleryIndex", "build_index", "check_model", "list_images", "EXACT_LIMIT"]
 
 EXACT_LIMIT = 50_000
 _META, _LOG, _EMB, _TOK, _FAILED, _FAISS = ("index.json", "images.jsonl", "embeds.f32", "tokens.f16",
@@ -67,9 +67,8 @@ class GalleryIndex:
         if not (root / _META).is_file():
             raise ModelNotFoundError(f"{root} is not a clipmatch index (no {_META}); build one with `clipmatch index`")
         meta = json.loads((root / _META).read_text())
-        if model_identity is not None and meta["model_identity"] != model_identity:
-            raise IncompatibleModelError(f"index {root} was built with model {meta['model_identity'][:12]}, "
-                                         f"not this one ({model_identity[:12]}); index the gallery again")
+        if model_identity is not None:
+            check_model(meta, model_identity, root)
         paths = [json.loads(line)["path"] for line in _complete_lines(root / _LOG)]
         n, d, p = len(paths), meta["embed_dim"], meta["num_image_tokens"]
         embeds = np.memmap(root / _EMB, np.float32, "r", shape=(n, d)) if n else np.zeros((0, d), np.float32)
@@ -80,6 +79,14 @@ class GalleryIndex:
     def search(self, query_embeds: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k) scores and row ids by inner product (cosine: both sides are L2-normalised)."""
         return self.faiss_index.search(np.ascontiguousarray(query_embeds, dtype=np.float32), k)
+
+
+def check_model(meta: dict, model_identity: str, root: Path) -> None:
+    """Refuse to read or extend an index with a model other than the one that built it."""
+    if meta["model_identity"] != model_identity:
+        raise IncompatibleModelError(f"index {root} was built with model {meta['model_identity'][:12]}, not this "
+                                     f"one ({model_identity[:12]}); index the gallery again with this model, or "
+                                     f"use the model that built it")
 
 
 def _complete_lines(path: Path) -> list[str]:
@@ -111,10 +118,7 @@ def build_index(matcher, images: Sequence[str | Path], out: str | Path, *, chunk
     m = matcher.manifest
     d, p = m.sizes["embed_dim"], m.sizes["num_image_tokens"]
     if (out / _META).is_file():
-        meta = json.loads((out / _META).read_text())
-        if meta["model_identity"] != m.model_identity:
-            raise IncompatibleModelError(f"index {out} was built with model {meta['model_identity'][:12]}, not "
-                                         f"{m.model_identity[:12]}; use another folder or the same model")
+        check_model(json.loads((out / _META).read_text()), m.model_identity, out)
     lines = _complete_lines(out / _LOG)
     _truncate(out / _LOG, sum(len(line.encode("utf-8")) + 1 for line in lines))
     done = {json.loads(line)["path"] for line in lines}
@@ -123,7 +127,7 @@ def build_index(matcher, images: Sequence[str | Path], out: str | Path, *, chunk
     _truncate(out / _EMB, n * d * 4)
     _truncate(out / _TOK, n * p * d * 2)
     failed_before = {json.loads(line)["path"] for line in _complete_lines(out / _FAILED)}
-    todo = [str(x) for x in dict.fromkeys(str(i) for i in images) if str(x) not in done]
+    todo = [x for x in dict.fromkeys(str(i) for i in images) if x not in done]
     report = {"already": len(done), "indexed": 0, "failed": [], "total": 0}
     t0 = time.perf_counter()
     for start in range(0, len(todo), chunk):

@@ -41,9 +41,8 @@ def render_heatmap(matcher, image, image_tokens: np.ndarray, text: str, out: str
     """Write a PNG: the image, then one panel per word of ``text`` with where it matched in red.
     ``image_tokens`` (P, D) are the image's cached tokens (an index row)."""
     tokenizer = matcher.files.tokenizer
-    heads = matcher.manifest.heads
     enc = matcher.encode_texts([text])
-    batch = tokenizer([text], functional_words=heads.functional_words if heads else ())
+    batch = matcher.tokenize([text])
     maps, positions = word_maps(np.asarray(image_tokens, np.float32), enc.tokens[0], enc.mask[0],
                                 enc.functional_ids[0], batch.input_ids[0], tokenizer.special_ids)
     base = load_image(image, 0).resize((panel, panel))

@@ -102,6 +102,11 @@ class Matcher:
             tokens.append(out["image_tokens"])
         return ImageEncoding(np.concatenate(embeds), np.concatenate(tokens))
 
+    def tokenize(self, texts: Sequence[str]):
+        """The token batch the text tower and DCSM are fed, functional words marked for this model's heads."""
+        heads = self.manifest.heads
+        return self.files.tokenizer(list(texts), functional_words=heads.functional_words if heads else ())
+
     def encode_texts(self, texts: Sequence[str] | TextEncoding) -> TextEncoding:
         """Pooled embeddings and per-token embeddings; texts over the context are cut and flagged.
 
@@ -112,8 +117,7 @@ class Matcher:
         if isinstance(texts, TextEncoding):
             return texts
         items = _as_list(texts, "texts")
-        heads = self.manifest.heads
-        batch = self.files.tokenizer(items, functional_words=heads.functional_words if heads else ())
+        batch = self.tokenize(items)
         embeds, tokens = [], []
         step = self.config.text_batch_size
         for start in range(0, len(items), step):

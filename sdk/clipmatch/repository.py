@@ -135,22 +135,28 @@ ENSEMBLES = (
 
 # -- rendering ----------------------------------------------------------------------------------
 
-def render_dims(spec: TensorSpec, sizes: Mapping[str, int]) -> str:
-    """Dims after the batch axis (Triton adds the batch itself); dynamic axes are -1."""
-    dims = spec.shape(sizes)[1:]
+def render_dims(spec: TensorSpec, sizes: Mapping[str, int], batched: bool = True) -> str:
+    """Dims after the batch axis (Triton adds the batch itself), or all of them for a model
+    with max_batch_size 0; dynamic axes are -1."""
+    dims = spec.shape(sizes)[1 if batched else 0:]
     return "[ " + ", ".join("-1" if d is None else str(d) for d in dims) + " ]"
 
 
-def _tensor(spec: TensorSpec, sizes: Mapping[str, int]) -> str:
+def _tensor(spec: TensorSpec, sizes: Mapping[str, int], batched: bool) -> str:
     text = f'  {{\n    name: "{spec.name}"\n    data_type: {_TYPE[spec.dtype]}\n'
-    if len(spec.dims) == 1:
+    if batched and len(spec.dims) == 1:
         # One value per row: Triton wants dims [1], reshaped to the graph's (batch,).
         return text + "    dims: [ 1 ]\n    reshape: { shape: [ ] }\n  }"
-    return text + f"    dims: {render_dims(spec, sizes)}\n  }}"
+    return text + f"    dims: {render_dims(spec, sizes, batched)}\n  }}"
 
 
-def _tensors(kind: str, specs: Sequence[TensorSpec], sizes: Mapping[str, int]) -> str:
-    return f"{kind} [\n" + ",\n".join(_tensor(s, sizes) for s in specs) + "\n]\n"
+def _tensors(kind: str, specs: Sequence[TensorSpec], sizes: Mapping[str, int], batched: bool = True) -> str:
+    return f"{kind} [\n" + ",\n".join(_tensor(s, sizes, batched) for s in specs) + "\n]\n"
+
+
+def _instances_and_version(count: int, kind: str, version: int) -> str:
+    return (f"instance_group [\n  {{\n    count: {count}\n    kind: {kind}\n  }}\n]\n"
+            f"version_policy: {{ specific: {{ versions: [ {version} ] }} }}\n")
 
 
 def _parameters(params: Mapping[str, str]) -> str:
@@ -180,8 +186,7 @@ def model_config_text(component: ComponentSpec, manifest: ExportManifest, config
         if preferred:
             text += f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
         text += f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n}}\n"
-    text += f"instance_group [\n  {{\n    count: {config.instances}\n    kind: {config.kind}\n  }}\n]\n"
-    text += f"version_policy: {{ specific: {{ versions: [ {config.version} ] }} }}\n"
+    text += _instances_and_version(config.instances, config.kind, config.version)
     return text + _parameters(identity_parameters(manifest))
 
 
@@ -202,17 +207,11 @@ def ensemble_config_text(ensemble: Ensemble, manifest: ExportManifest, config: R
 
 
 def rescore_config_text(manifest: ExportManifest, config: RepositoryConfig) -> str:
-    def full(spec: TensorSpec) -> str:
-        dims = ", ".join("-1" if d is None else str(d) for d in spec.shape(manifest.sizes))
-        return (f'  {{\n    name: "{spec.name}"\n    data_type: {_TYPE[spec.dtype]}\n'
-                f"    dims: [ {dims} ]\n  }}")
-
     pair_batch = min(config.batching_for(c).max_batch_size for c in ("entity_heads", "dcsm"))
     text = f'name: "{RESCORE_NAME}"\nbackend: "python"\nmax_batch_size: 0\n'
-    text += "input [\n" + ",\n".join(full(t) for t in RESCORE_INPUTS) + "\n]\n"
-    text += "output [\n" + ",\n".join(full(t) for t in RESCORE_OUTPUTS) + "\n]\n"
-    text += f"instance_group [\n  {{\n    count: {config.instances}\n    kind: KIND_CPU\n  }}\n]\n"
-    text += f"version_policy: {{ specific: {{ versions: [ {config.version} ] }} }}\n"
+    text += _tensors("input", RESCORE_INPUTS, manifest.sizes, batched=False)
+    text += _tensors("output", RESCORE_OUTPUTS, manifest.sizes, batched=False)
+    text += _instances_and_version(config.instances, "KIND_CPU", config.version)
     return text + _parameters({**identity_parameters(manifest), "clipmatch_pair_batch": str(pair_batch)})
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import TextError
 from .explainers import Explainer, Explanation
-from .gallery_index import GalleryIndex
+from .gallery_index import GalleryIndex, check_model
 from .results import ImageEncoding
 
 __all__ = ["FusionWeights", "SearchHit", "SearchResult", "Searcher", "STOP_WORDS", "zscore", "logit"]
@@ -83,11 +83,7 @@ def check_query(query: str) -> str:
 class Searcher:
     def __init__(self, matcher, index: GalleryIndex, explainer: Explainer | None = None,
                  weights: FusionWeights = FusionWeights()):
-        if index.meta["model_identity"] != matcher.manifest.model_identity:
-            from .errors import IncompatibleModelError
-
-            raise IncompatibleModelError(f"index {index.root} was built with another model than this matcher's; "
-                                         f"index the gallery again")
+        check_model(index.meta, matcher.manifest.model_identity, index.root)
         self.matcher, self.index, self.explainer, self.weights = matcher, index, explainer, weights
 
     def search(self, query: str, *, top_k: int = 10, shortlist: int = 100,

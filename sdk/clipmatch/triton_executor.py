@@ -26,6 +26,7 @@ from .errors import BackendError, DependencyError, IncompatibleModelError
 from .executor import validate_feeds
 from .manifest import ExportManifest
 from .matcher import Matcher, ModelFiles
+from .repository import RESCORE_INPUTS, RESCORE_NAME, RESCORE_OUTPUTS, identity_parameters
 from .results import RescoreResult
 
 __all__ = ["TritonOptions", "TritonExecutor", "Remote", "connect"]
@@ -61,16 +62,16 @@ def _import(protocol: str):
             import tritonclient.grpc as client
         else:
             import tritonclient.http as client
-        from tritonclient.utils import InferenceServerException
     except ImportError as exc:
         raise DependencyError("talking to Triton needs tritonclient: pip install 'clipmatch[triton]'") from exc
-    return client, InferenceServerException
+    return client
 
 
 class TritonExecutor:
     """``run(component, feeds)`` against a Triton server; one client per thread of the pool."""
 
-    def __init__(self, url: str, manifest: ExportManifest, options: TritonOptions = TritonOptions()):
+    def __init__(self, url: str, manifest: ExportManifest, options: TritonOptions = TritonOptions(), *,
+                 source: str = "the local export"):
         parsed = urlparse(url if "://" in url else f"http://{url}")
         if parsed.scheme not in ("http", "https", "grpc", "grpcs"):
             raise ValueError(f"Triton URL {url!r} must start with http://, https://, grpc:// or grpcs://")
@@ -79,8 +80,9 @@ class TritonExecutor:
         self.tls = parsed.scheme in ("https", "grpcs")
         self.address = parsed.netloc
         self.manifest = manifest
+        self.source = source  # where the manifest came from, for error messages
         self.options = options
-        self._client_module, self._error = _import(self.protocol)
+        self._client_module = _import(self.protocol)
         self._client = self._new_client()
         self._pool = ThreadPoolExecutor(max_workers=max(1, options.concurrency), thread_name_prefix="clipmatch")
         self._clients: dict[int, object] = {}
@@ -144,9 +146,7 @@ class TritonExecutor:
 
     def check_identity(self) -> None:
         """Refuse a server whose models are not this export's, saying what differs."""
-        expected = {"clipmatch_model_identity": self.manifest.model_identity,
-                    "clipmatch_tokenizer_identity": self.manifest.tokenizer_identity,
-                    "clipmatch_sizes": json.dumps(self.manifest.sizes, sort_keys=True)}
+        expected = identity_parameters(self.manifest)
         for name in [c for c in COMPONENTS if c in self.manifest.components]:  # contract order
             cfg = self.model_config(name)
             params = {k: (v.get("string_value") if isinstance(v, dict) else v)
@@ -154,10 +154,8 @@ class TritonExecutor:
             diffs = [f"{k}: server {params.get(k)!r}, local {v!r}" for k, v in expected.items() if params.get(k) != v]
             if diffs:
                 raise IncompatibleModelError(f"{self.url} serves a different {name} than the export in "
-                                             f"{self.manifest_dir}: " + "; ".join(diffs))
+                                             f"{self.source}: " + "; ".join(diffs))
             self.max_batch[name] = int(cfg.get("max_batch_size") or 0) or 1 << 30
-
-    manifest_dir = "the local folder"
 
     def health_check(self) -> None:
         """A real inference: one text through the text tower (not only a liveness ping)."""
@@ -179,22 +177,7 @@ class TritonExecutor:
 
     def _infer(self, component: str, feeds: Mapping[str, np.ndarray], client) -> dict[str, np.ndarray]:
         spec = COMPONENTS[component]
-        mod = self._client_module
-
-        def send():
-            inputs = []
-            for t in spec.inputs:
-                x = feeds[t.name]
-                i = mod.InferInput(t.name, list(x.shape), _TRITON_DTYPE[t.dtype])
-                i.set_data_from_numpy(x)
-                inputs.append(i)
-            outputs = [mod.InferRequestedOutput(t.name) for t in spec.outputs]
-            kwargs = {"headers": dict(self.options.headers) or None}
-            if self.protocol == "grpc":
-                kwargs["client_timeout"] = self.options.timeout_s
-            result = client.infer(component, inputs, outputs=outputs, **kwargs)
-            return {t.name: result.as_numpy(t.name) for t in spec.outputs}
-
+        send = lambda: self._request(client, component, spec.inputs, spec.outputs, feeds)  # noqa: E731
         rows = next(iter(feeds.values())).shape[0]
         out = self._call(f"inference on {component} ({rows} rows)", send)
         for t in spec.outputs:
@@ -205,27 +188,29 @@ class TritonExecutor:
                                    f"{t.name} for {rows} inputs")
         return out
 
+    def _request(self, client, model: str, inputs, outputs, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One inference request: ``inputs`` / ``outputs`` are the TensorSpecs of ``model``."""
+        mod = self._client_module
+        tensors = []
+        for t in inputs:
+            x = np.ascontiguousarray(feeds[t.name])
+            i = mod.InferInput(t.name, list(x.shape), _TRITON_DTYPE[t.dtype])
+            i.set_data_from_numpy(x)
+            tensors.append(i)
+        kwargs = {"headers": dict(self.options.headers) or None}
+        if self.protocol == "grpc":
+            kwargs["client_timeout"] = self.options.timeout_s
+        result = client.infer(model, tensors, outputs=[mod.InferRequestedOutput(t.name) for t in outputs], **kwargs)
+        return {t.name: result.as_numpy(t.name) for t in outputs}
+
     def rescore(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request to the served ``rescore`` model (see triton_rescore_model.py)."""
-        from .repository import RESCORE_INPUTS, RESCORE_NAME, RESCORE_OUTPUTS
-
-        mod = self._client_module
-        client = self._thread_client()
         k = feeds["image_tokens"].shape[0]
+        client = self._thread_client()
 
         def send():
-            inputs = []
-            for t in RESCORE_INPUTS:
-                x = np.ascontiguousarray(feeds[t.name])
-                i = mod.InferInput(t.name, list(x.shape), _TRITON_DTYPE[t.dtype])
-                i.set_data_from_numpy(x)
-                inputs.append(i)
-            outputs = [mod.InferRequestedOutput(t.name) for t in RESCORE_OUTPUTS]
-            kwargs = {"headers": dict(self.options.headers) or None}
-            if self.protocol == "grpc":
-                kwargs["client_timeout"] = self.options.timeout_s
-            result = client.infer(RESCORE_NAME, inputs, outputs=outputs, **kwargs)
-            return {t.name: result.as_numpy(t.name).reshape(k) for t in RESCORE_OUTPUTS}
+            out = self._request(client, RESCORE_NAME, RESCORE_INPUTS, RESCORE_OUTPUTS, feeds)
+            return {name: v.reshape(k) for name, v in out.items()}
 
         return self._call(f"rescoring {k} candidates", send)
 
@@ -252,8 +237,7 @@ class Remote(Matcher):
     def __init__(self, url: str, export_dir: str | Path, config: RuntimeConfig = DEFAULT_CONFIG,
                  options: TritonOptions = TritonOptions(), *, health_check: bool = True):
         files = ModelFiles.load(export_dir)
-        executor = TritonExecutor(url, files.manifest, options)
-        executor.manifest_dir = str(export_dir)
+        executor = TritonExecutor(url, files.manifest, options, source=str(export_dir))
         try:
             executor.check_identity()
             if health_check:
@@ -286,8 +270,7 @@ class Remote(Matcher):
 
     def _tokens(self, text: str):
         """One text's token batch, cut to its own length (as ``encode_texts`` sends it)."""
-        heads = self.manifest.heads
-        batch = self.files.tokenizer([text], functional_words=heads.functional_words if heads else ())
+        batch = self.tokenize([text])
         return batch.fit(int(batch.lengths[0]))
 
     def close(self) -> None:

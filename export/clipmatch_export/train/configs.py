@@ -52,3 +52,7 @@ class HeadsTrainConfig:
     # "both" adds those copies to the named records; "keep" uses names as given.
     entity_names: str = "both"
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.entity_names not in ("anonymise", "both", "keep"):
+            raise ValueError(f"entity_names must be 'anonymise', 'both' or 'keep', got {self.entity_names!r}")
