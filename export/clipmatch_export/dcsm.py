@@ -19,9 +19,10 @@ Two readers of the map, chosen by ``HeadsConfig.dcsm_scorer``:
   mean, CLS cell), and a small transformer over the text tokens compares
   those places, with attention biased by how much two words point at the same
   patches. "A left of B" becomes a comparison of two centroids, binding a
-  question of overlap. On the default model's validation split, trained the
-  same way, spatial accuracy rose from 0.31 (cnn) to 0.93 (tokens) with a
-  tenth of the parameters.
+  question of overlap. On cached features of an intermediate default model,
+  3 epochs each, spatial validation accuracy rose from 0.31 (cnn) to 0.93
+  (tokens, before the overlap bias was added) with a tenth of the
+  parameters; the committed default model's reader gets 0.935 on the test split.
 """
 from __future__ import annotations
 

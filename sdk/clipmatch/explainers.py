@@ -18,9 +18,10 @@ explanation comes back as ``Explanation(text=None, error=...)``; search goes on
 without it and its result says so. Only setting an explainer up (a missing
 knowledge base, a malformed URL) raises ``ExplainerError``.
 
-The prompt asks for the look without the name: measured on the default
-model, an explanation that repeats an unseen name pulls its embedding towards
-look-alikes the towers know (9% vs 76% correct among look-alikes).
+The prompt asks for the look without the name: measured on towers trained
+with the synthetic look examples, an explanation that repeats an unseen name
+pulls its embedding towards look-alikes the towers know (9% vs 76% correct
+among look-alikes).
 """
 from __future__ import annotations
 

@@ -9,9 +9,9 @@ The knowledge base explains every entity in the words captions use: what
 the Kestrel-7 valve looks like, "a blue circle with yellow stripes and a white
 dot". The entry does not repeat the name: for a name the towers never saw, the
 name's tokens only pull the explanation's embedding towards whatever look-alike
-they resemble (measured on the default model's towers: an image of a held-out
-entity picked its own explanation among its look-alikes' 9% of the time with
-"the <name> is ..." entries, 76% with bare descriptions). One entity per
+they resemble (measured on towers trained with the "look" examples: an image
+of a held-out entity picked its own explanation among its look-alikes' 9% of
+the time with "the <name> is ..." entries, 76% with bare descriptions). One entity per
 cluster is held out: its name never appears in a train or val caption, yet
 every word of its explanation does, through its cluster mates and the "look"
 examples.
