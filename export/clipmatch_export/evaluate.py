@@ -14,10 +14,11 @@ Two protocols:
    the query alone): the EntityCLIP pipeline, explanation included.
 
 Columns: chance, CLIP cosine, DCSM, MMAE/GI-ITM (match probability, reading
-the KB explanation of each candidate caption for entity rows) and a combined
-score: the sum of the three scores, each z-scored within its candidate list,
-so no head's scale dominates. (Fusion weights fitted on validation data come
-with the search pipeline.)
+the KB explanation of each candidate caption for entity rows) and combined:
+the search's fusion (``clipmatch.fusion``), a weighted sum of the three
+scores z-scored within the candidate list, with the model's weights fitted
+on the validation split (``clipmatch fit-fusion``; equal weights for a model
+without them), the explained set for entity rows.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ from typing import Sequence
 
 import numpy as np
 
+from clipmatch.fusion import Fusion, fuse
 from clipmatch.matcher import Matcher
-from clipmatch.search import logit, zscore
 
 from .synth.dataset import make_examples
 from .synth.entities import HELD_OUT_ENTITIES, knowledge_base
@@ -48,7 +49,7 @@ class EvalConfig:
     per_row: int = 200  # protocol 1 examples per row
     gallery_size: int = 1200  # protocol 2 gallery
     queries_per_row: int = 150
-    shortlist: int = 20  # cosine top-K that the heads rescore
+    shortlist: int = 100  # cosine top-K that the heads rescore: the search default
 
 
 def row_of(example) -> str:
@@ -101,6 +102,7 @@ def rankings_for(matcher: Matcher, gallery, caption: str, explanation: str | Non
 
 
 def image_to_captions(matcher: Matcher, rows: dict[str, list]) -> dict[str, dict[str, float]]:
+    fusion = matcher.manifest.fusion or Fusion()
     table: dict[str, dict[str, float]] = {}
     for row, examples in rows.items():
         hits = {c: 0 for c in COLUMNS[1:]}
@@ -110,7 +112,8 @@ def image_to_captions(matcher: Matcher, rows: dict[str, list]) -> dict[str, dict
             captions = [ex.caption, *ex.negative_captions]
             s = _scores(matcher, captions, [_explanation(c, ex) for c in captions], image)
             cols = {k: v[:, 0] for k, v in s.items()}
-            cols["combined"] = zscore(cols["cosine"]) + zscore(cols["dcsm"]) + zscore(logit(cols["mmae_itm"]))
+            cols["combined"] = fuse(fusion.for_query(ex.phenomenon == "entity"), cols["cosine"], cols["mmae_itm"],
+                                    cols["dcsm"])
             for name, v in cols.items():
                 hits[name] += int(np.argmax(v) == 0 and (v[0] > v[1:]).all())  # ties count as misses
             chance += 1 / len(captions)
@@ -127,6 +130,7 @@ def text_to_image(matcher: Matcher, rows: dict[str, list], config: EvalConfig) -
     gallery = matcher.encode_images([render(ex.scene) for ex in gallery_ex])
     scenes = [ex.scene for ex in gallery_ex]
     out: dict[str, dict[str, dict[str, float]]] = {}
+    fusion = matcher.manifest.fusion or Fusion()
     k = min(config.shortlist, len(gallery_ex))
     for row in ROWS:
         queries = [ex for ex in gallery_ex if row_of(ex) == row][:config.queries_per_row]
@@ -142,7 +146,7 @@ def text_to_image(matcher: Matcher, rows: dict[str, list], config: EvalConfig) -
             short = order[:k]
             res = matcher.rescore(ex.caption, gallery[short], explanation=explanation)
             cols = {"dcsm": res.dcsm, "mmae_itm": res.match_prob}
-            cols["combined"] = zscore(res.cosine) + zscore(res.dcsm) + zscore(logit(res.match_prob))
+            cols["combined"] = fuse(fusion.for_query(explanation is not None), res.cosine, res.match_prob, res.dcsm)
             rankings = {"cosine": plain}
             for name, v in cols.items():
                 rankings[name] = np.concatenate([short[np.argsort(-v, kind="stable")], order[k:]])

@@ -11,8 +11,11 @@ from __future__ import annotations
 import itertools
 import json
 import shutil
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch.nn as nn
@@ -58,7 +61,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, options: ExportOpti
     clip, files = load_clip(model_dir)
     heads_config: HeadsConfig | None = None
     modules: dict[str, nn.Module] = {IMAGE_TOWER.name: ImageTower(clip), TEXT_TOWER.name: TextTower(clip)}
-    heads_identity = None
+    heads_identity, fusion = None, None
     if not options.towers_only:
         if not (model_dir / HEADS_MANIFEST).is_file():
             raise ModelNotFoundError(
@@ -67,6 +70,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, options: ExportOpti
             )
         heads, heads_manifest = load_heads(model_dir)
         heads_config, heads_identity = heads_manifest.config, heads_manifest.identity
+        fusion = heads_manifest.fusion
         modules[ENTITY_HEADS.name] = heads.entity
         modules[DCSM.name] = heads.dcsm
 
@@ -129,7 +133,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, options: ExportOpti
                 report.checks.append(compare(spec.name, precision, reference, run_onnx(graph, spec, feeds), tol, feeds))
 
     manifest = ExportManifest(model_identity, tokenizer.identity, sizes, components, heads_config,
-                              options.opset, versions())
+                              options.opset, versions(), fusion)
     (out_dir / PARITY_REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     if not report.passed:
         # No manifest: a folder that failed its gate must not load as an export.
@@ -142,6 +146,17 @@ def export_model(model_dir: str | Path, out_dir: str | Path, options: ExportOpti
                           f"see {out_dir / PARITY_REPORT}")
     manifest.write(out_dir)
     return ExportResult(out_dir, manifest, report)
+
+
+@contextmanager
+def exported(model: str | Path) -> Iterator[Path]:
+    """An export of ``model`` to run the SDK on: the folder itself when it is an export,
+    else a checked fp32 export in a temporary folder, removed afterwards."""
+    if (Path(model) / EXPORT_MANIFEST).is_file():
+        yield Path(model)
+        return
+    with tempfile.TemporaryDirectory(prefix="clipmatch-export-") as tmp:
+        yield export_model(model, Path(tmp) / "export", ExportOptions(fp16=False)).out_dir
 
 
 def _check_heads_fit(config: HeadsConfig, sizes: dict[str, int]) -> None:
@@ -158,4 +173,4 @@ def verify_graph(path: str | Path, spec: ComponentSpec, module: nn.Module, feeds
     return compare(spec.name, precision, run_torch(module, spec, feeds), run_onnx(path, spec, feeds), tol, feeds)
 
 
-__all__ = ["ExportOptions", "ExportResult", "export_model", "verify_graph", "COMPONENTS"]
+__all__ = ["ExportOptions", "ExportResult", "export_model", "exported", "verify_graph", "COMPONENTS"]

@@ -139,26 +139,34 @@ def cmd_train_default(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    import tempfile
-
     from .local import Local
-    from .manifest import EXPORT_MANIFEST
 
     _export_package()
     from clipmatch_export.evaluate import EvalConfig, evaluate, format_markdown, write_json
+    from clipmatch_export.exporter import exported
 
-    with tempfile.TemporaryDirectory(prefix="clipmatch-eval-") as tmp:
-        export_dir = args.model
-        if not (Path(args.model) / EXPORT_MANIFEST).is_file():
-            from clipmatch_export.exporter import ExportOptions, export_model
-
-            export_dir = export_model(args.model, Path(tmp) / "export", ExportOptions(fp16=False)).out_dir
-        config = EvalConfig(**{k: v for k, v in (("seed", args.seed), ("per_row", args.per_row),
-                                                 ("gallery_size", args.gallery_size)) if v is not None})
+    config = EvalConfig(**{k: v for k, v in (("seed", args.seed), ("per_row", args.per_row),
+                                             ("gallery_size", args.gallery_size), ("shortlist", args.shortlist))
+                           if v is not None})
+    with exported(args.model) as export_dir:
         result = evaluate(Local(export_dir), config)
     print(format_markdown(result))
     if args.json:
         write_json(result, args.json)
+    return 0
+
+
+def cmd_fit_fusion(args) -> int:
+    _export_package()
+    from clipmatch_export.fusion_fit import FusionFitConfig, fit_model_fusion, format_fit
+
+    config = FusionFitConfig(**({} if args.seed is None else {"seed": args.seed}))
+    fusion = fit_model_fusion(args.model, config, write=not args.dry_run)
+    print(format_fit(fusion))
+    if not args.dry_run:
+        print(f"fusion weights written to {Path(args.model) / 'clipmatch_heads.json'}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(fusion.to_dict(), indent=2) + "\n")
     return 0
 
 
@@ -249,7 +257,8 @@ def cmd_search(args) -> int:
     if args.json:
         print(json.dumps({"query": result.query, "hits": [asdict(h) for h in result.hits],
                           "explanation": None if result.explanation is None else asdict(result.explanation),
-                          "timings_ms": result.timings_ms, "notes": result.notes}, indent=2))
+                          "timings_ms": result.timings_ms, "notes": result.notes,
+                          "fusion_weights": None if result.weights is None else asdict(result.weights)}, indent=2))
         return 0
     if result.explanation is not None and result.explanation.ok:
         print(f"explanation: {result.explanation.text}")
@@ -380,8 +389,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="test-set seed (default differs from training)")
     s.add_argument("--per-row", type=int, default=None)
     s.add_argument("--gallery-size", type=int, default=None)
+    s.add_argument("--shortlist", type=int, default=None, help="cosine top-K the heads rescore (default 100, as search)")
     s.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("fit-fusion", help="fit the search fusion weights on the synthetic validation split")
+    s.add_argument("model", nargs="?", type=Path, default=Path("models/default"),
+                   help="a model folder with heads; the weights go into its clipmatch_heads.json")
+    s.add_argument("--seed", type=int, default=None, help="validation-set seed")
+    s.add_argument("--dry-run", action="store_true", help="print the fit, write nothing to the model")
+    s.add_argument("--json", type=Path, default=None, help="also write the weights and figures as JSON")
+    s.set_defaults(func=cmd_fit_fusion)
 
     s = sub.add_parser("repository", help="write a Triton model repository for an export")
     s.add_argument("export_dir", type=Path)

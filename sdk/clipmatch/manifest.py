@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .errors import IncompatibleModelError, ModelNotFoundError
+from .fusion import Fusion
 
 __all__ = [
     "DEFAULT_FUNCTIONAL_WORDS",
@@ -162,6 +163,19 @@ def _write_json(path: Path, data: Mapping[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _fusion_entry(fusion: Fusion | None) -> dict[str, Any]:
+    return {} if fusion is None else {"fusion": fusion.to_dict()}
+
+
+def _read_fusion(data: Mapping[str, Any], path: Path) -> Fusion | None:
+    if data.get("fusion") is None:
+        return None
+    try:
+        return Fusion.from_dict(data["fusion"])
+    except (ValueError, AttributeError) as exc:
+        raise IncompatibleModelError(f"{path}: {exc}") from exc
+
+
 @dataclass(frozen=True)
 class HeadsManifest:
     """What ``clipmatch_heads.json`` holds."""
@@ -172,6 +186,9 @@ class HeadsManifest:
     config: HeadsConfig
     weights_sha256: str
     versions: dict[str, str] = field(default_factory=dict)
+    # Search fusion weights fitted for these heads; not part of the identity,
+    # since refitting them changes no graph and no index.
+    fusion: Fusion | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -181,6 +198,7 @@ class HeadsManifest:
             "weights": HEADS_WEIGHTS,
             "weights_sha256": self.weights_sha256,
             "versions": dict(self.versions),
+            **_fusion_entry(self.fusion),
         }
 
     @property
@@ -203,6 +221,7 @@ class HeadsManifest:
             config=HeadsConfig.from_dict(data.get("heads") or {}),
             weights_sha256=str(data.get("weights_sha256", "")),
             versions=dict(data.get("versions") or {}),
+            fusion=_read_fusion(data, path),
         )
 
 
@@ -226,6 +245,7 @@ class ExportManifest:
     heads: HeadsConfig | None = None
     opset: int = 17
     versions: dict[str, str] = field(default_factory=dict)
+    fusion: Fusion | None = None  # carried over from the heads manifest
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -237,6 +257,7 @@ class ExportManifest:
             "heads": None if self.heads is None else self.heads.to_dict(),
             "opset": self.opset,
             "versions": dict(self.versions),
+            **_fusion_entry(self.fusion),
         }
 
     def write(self, export_dir: str | Path) -> Path:
@@ -268,6 +289,7 @@ class ExportManifest:
                 heads=None if heads is None else HeadsConfig.from_dict(heads),
                 opset=int(data.get("opset", 17)),
                 versions=dict(data.get("versions") or {}),
+                fusion=_read_fusion(data, path),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IncompatibleModelError(f"{path} is incomplete or malformed: {exc!r}") from exc

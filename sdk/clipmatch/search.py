@@ -6,10 +6,12 @@ explanation's: a name never seen in training finds nothing by itself. The
 heads rescore the shortlist from the index's cached image tokens (no image is
 read again). Each hit carries every score separately and the fused one.
 
-Fusion: within the shortlist each score is z-scored (the match probability
-as a logit) and the fused score is the weighted sum; ``FusionWeights`` holds
-the weights. The defaults weigh the three equally; weights fitted on the
-default model's validation split are still to come.
+Fusion (``clipmatch.fusion``): within the shortlist each score is z-scored
+(the match probability as a logit) and the fused score is their weighted
+sum, with one weight set for queries that have an explanation and one for
+those that do not. The weights are the model's own, fitted on its validation
+split (``clipmatch fit-fusion``) and read from its manifest; a model without
+them weighs the three scores equally.
 """
 from __future__ import annotations
 
@@ -21,21 +23,15 @@ import numpy as np
 
 from .errors import TextError
 from .explainers import Explainer, Explanation
+from .fusion import Fusion, FusionWeights, fuse
 from .gallery_index import GalleryIndex, check_model
 from .results import ImageEncoding
 
-__all__ = ["FusionWeights", "SearchHit", "SearchResult", "Searcher", "STOP_WORDS", "zscore", "logit"]
+__all__ = ["SearchHit", "SearchResult", "Searcher", "STOP_WORDS", "check_query"]
 
 STOP_WORDS = frozenset(
     "a an the of in on at to for with and or but is are was were be this that these those there here it its "
     "photo image picture of some any".split())
-
-
-@dataclass(frozen=True)
-class FusionWeights:
-    cosine: float = 1.0
-    itm: float = 1.0
-    dcsm: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -57,16 +53,7 @@ class SearchResult:
     explanation: Explanation | None
     timings_ms: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what the result rests on, e.g. a failed explanation
-
-
-def zscore(x: np.ndarray) -> np.ndarray:
-    """Scores made comparable within one candidate list."""
-    return (x - x.mean()) / (x.std() + 1e-6)
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-6, 1 - 1e-6)
-    return np.log(p / (1 - p))
+    weights: FusionWeights | None = None  # the fusion weights the ranking used
 
 
 def check_query(query: str) -> str:
@@ -82,9 +69,11 @@ def check_query(query: str) -> str:
 
 class Searcher:
     def __init__(self, matcher, index: GalleryIndex, explainer: Explainer | None = None,
-                 weights: FusionWeights = FusionWeights()):
+                 fusion: Fusion | None = None):
+        """``fusion``: the weights to rank with; by default the model's fitted ones."""
         check_model(index.meta, matcher.manifest.model_identity, index.root)
-        self.matcher, self.index, self.explainer, self.weights = matcher, index, explainer, weights
+        self.matcher, self.index, self.explainer = matcher, index, explainer
+        self.fusion = fusion or matcher.manifest.fusion or Fusion()
 
     def search(self, query: str, *, top_k: int = 10, shortlist: int = 100,
                rescore: Sequence[str] = ("itm", "dcsm")) -> SearchResult:
@@ -120,15 +109,12 @@ class Searcher:
                               np.asarray(self.index.tokens[ids], np.float32))
         heads = [h for h, name in (("entity", "itm"), ("dcsm", "dcsm")) if name in rescore and h in self.matcher.heads]
         cosine = cands.embeds @ enc.embeds[0]
-        fused = self.weights.cosine * zscore(cosine)
         r = None
         if heads:
             r = self.matcher.rescore(enc.row(0), cands, explanation=None if text is None else enc.row(1),
                                      heads=heads)
-            if r.match_prob is not None:
-                fused = fused + self.weights.itm * zscore(logit(r.match_prob))
-            if r.dcsm is not None:
-                fused = fused + self.weights.dcsm * zscore(r.dcsm)
+        weights = self.fusion.for_query(text is not None)
+        fused = fuse(weights, cosine, None if r is None else r.match_prob, None if r is None else r.dcsm)
         times["rescore"] = (time.perf_counter() - t) * 1e3
 
         order = np.argsort(-fused, kind="stable")[:top_k]
@@ -138,4 +124,4 @@ class Searcher:
                           entity_score=None if r is None or r.entity_score is None else float(r.entity_score[j]),
                           dcsm=None if r is None or r.dcsm is None else float(r.dcsm[j]))
                 for i, j in enumerate(order)]
-        return SearchResult(query, hits, explanation, times, notes)
+        return SearchResult(query, hits, explanation, times, notes, weights)

@@ -1,6 +1,7 @@
 """Training on a handful of samples: the real code paths, small enough for CI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -236,7 +237,6 @@ def test_captions_longer_than_the_context_name_their_line(dataset, tmp_path, cap
 
 
 def test_training_one_stage_keeps_the_other_heads_and_reads_every_hard_negative(dataset, trained_dir, tmp_path):
-    import dataclasses
     import shutil
 
     from clipmatch_export.heads import load_heads
@@ -259,7 +259,6 @@ def test_training_one_stage_keeps_the_other_heads_and_reads_every_hard_negative(
 
 
 def test_features_hold_every_hard_negative_caption(dataset, trained_dir):
-    import dataclasses
 
     from clipmatch.preprocess import ImageConfig
     from clipmatch.tokenizer import ClipTokenizer
@@ -276,3 +275,18 @@ def test_features_hold_every_hard_negative_caption(dataset, trained_dir):
     assert feats.has_more_caption[:, 0].tolist() == [bool(i % 2) for i in range(len(records))]
     ids = feats.more_caption_functional[1, 0].tolist()
     assert set(ids) == {0, 1} and ids[1] == 0  # "big" marked at its own tokens, "a" not
+
+
+def test_train_default_runs_every_stage_and_records_it(tmp_path):
+    from clipmatch_export.fusion_fit import FusionFitConfig
+    from clipmatch_export.train.default_model import RECIPE_FILE, DefaultRecipe, build_default_model
+
+    recipe = DefaultRecipe(seed=3, train_size=40, clip=dataclasses.replace(TINY, epochs=1), heads=HEADS,
+                           fusion=FusionFitConfig(per_row=4, queries_per_row=3, shortlist=8))
+    manifest = build_default_model(tmp_path / "model", tmp_path / "data", recipe, progress=False)
+    record = json.loads((tmp_path / "model" / RECIPE_FILE).read_text())
+    assert set(record["seconds"]) == {"data", "clip", "heads", "fusion", "total"}
+    assert record["recipe"]["fusion"]["shortlist"] == 8 and record["recipe"]["seed"] == 3
+    # The fitted weights are the last stage's output, stored with the heads.
+    assert manifest.fusion is not None and manifest.fusion.fitted["plain"]["queries"] == 12
+    assert manifest.fusion.fitted["explained"]["queries"] == 6

@@ -90,3 +90,30 @@ def test_kill_and_resume_indexes_every_image_exactly_once(tiny_export_dir, tmp_p
     assert meta["count"] == 600
     size = meta["num_image_tokens"] * meta["embed_dim"] * 2
     assert (tmp_path / "idx" / "tokens.f16").stat().st_size == 600 * size
+    # stderr is a pipe here: progress comes as whole lines, and the last one says it finished.
+    last = [line for line in done.stderr.splitlines() if line.startswith("index [")][-1]
+    assert f"{600 - partial}/{600 - partial} 100%" in last and "images/s" in last and "eta 0:00" in last
+
+
+def test_progress_redraws_on_a_terminal_and_writes_lines_to_a_log():
+    import io
+
+    from clipmatch.progress import Progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term, log = Terminal(), io.StringIO()
+    for stream in (term, log):
+        bar = Progress(10, desc="index", unit="images", stream=stream, interval_s=0, log_interval_s=3600)
+        for _ in range(4):
+            bar.update(1)
+        bar.close()
+    # On a terminal every update redraws the same line; in a log the first update and where it stopped.
+    assert term.getvalue().count("\r") == 4 and term.getvalue().endswith("\n")
+    assert "[########------------]  4/10  40%" in term.getvalue()
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and len(lines) == 2
+    assert lines[0].startswith("index [##") and " 1/10" in lines[0]
+    assert " 4/10  40%" in lines[1] and "images/s" in lines[1]

@@ -23,6 +23,7 @@ examples.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from .world import COLOURS, HELD_OUT_COMBOS, MARKS, PATTERNS, SHAPES, Obj
 __all__ = [
     "Entity", "catalogue", "get_entity", "HELD_OUT_ENTITIES", "lookalikes",
     "knowledge_base", "write_knowledge_base", "article", "contrast", "MIN_CONTRAST",
+    "NAME_PATTERN", "invented_name", "rename_entities",
 ]
 
 _CATALOGUE_SEED = 7_2025  # fixed: the catalogue is part of the data's definition
@@ -222,3 +224,21 @@ def write_knowledge_base(path: str | Path) -> Path:
     tmp.write_text(json.dumps(knowledge_base(), indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
     return path
+
+
+# Entity names are the capitalised words of otherwise lower-case captions
+# ("the Kestrel-7 valve").
+NAME_PATTERN = re.compile(r"\b[A-Z][A-Za-z]*(?:-\d+)?")
+_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+
+def invented_name(rng: np.random.Generator) -> str:
+    """A fresh name in the catalogue's style that no split ever uses ("Tazomi-4")."""
+    word = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4)))).capitalize()
+    return f"{word}-{int(rng.integers(1, 10))}" if rng.random() < 0.5 else word
+
+
+def rename_entities(text: str, names: dict[str, str], rng: np.random.Generator) -> str:
+    """``text`` with every entity name swapped for an invented one, the same one for
+    the same name across calls that share ``names``: a name the model never saw."""
+    return NAME_PATTERN.sub(lambda m: names.setdefault(m.group(0), invented_name(rng)), text)

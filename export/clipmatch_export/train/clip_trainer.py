@@ -104,7 +104,7 @@ def train_clip(records: Sequence[Record], out_dir: str | Path, config: ClipTrain
 
     model.train()
     t0 = time.perf_counter()
-    bar = Progress(total, initial=start * steps_per_epoch, enabled=progress, desc="clip")
+    bar = Progress(total, initial=start * steps_per_epoch, enabled=progress, desc="clip", unit="steps")
     end = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
     for epoch in range(start, end):
         order = torch.randperm(len(pairs), generator=seeded(config.seed, epoch))

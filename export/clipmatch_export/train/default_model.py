@@ -1,8 +1,9 @@
 """``clipmatch train default``: the embedded default model, from nothing, in one command.
 
 Writes the synthetic world's train split, trains the CLIP towers from
-scratch on it, then the DCSM and MMAE/GI-ITM heads on the frozen towers, and
-records the recipe, the seed and the time of each stage next to the model.
+scratch on it, then the DCSM and MMAE/GI-ITM heads on the frozen towers,
+fits the search's fusion weights on the validation split, and records the
+recipe, the seed and the time of each stage next to the model.
 Re-running with the same seed reproduces it; an interrupted run resumes.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from clipmatch.manifest import HeadsManifest
 
+from ..fusion_fit import FusionFitConfig, fit_model_fusion
 from ..synth.dataset import write_dataset
 from ..synth.entities import write_knowledge_base
 from ..versions import versions
@@ -31,6 +33,7 @@ class DefaultRecipe:
     train_size: int = 10_000
     clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
     heads: HeadsTrainConfig = field(default_factory=HeadsTrainConfig)
+    fusion: FusionFitConfig = field(default_factory=FusionFitConfig)
 
 
 def build_default_model(out_dir: str | Path = "models/default", data_dir: str | Path = ".cache/synth",
@@ -50,11 +53,14 @@ def build_default_model(out_dir: str | Path = "models/default", data_dir: str | 
     seconds["clip"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     heads = HeadsTrainConfig(**{**asdict(recipe.heads), "seed": recipe.seed})
-    manifest = train_heads(records, out, heads, progress=progress)
+    train_heads(records, out, heads, progress=progress)
     seconds["heads"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    fit_model_fusion(out, recipe.fusion)
+    seconds["fusion"] = round(time.perf_counter() - t0, 1)
     seconds["total"] = round(sum(seconds.values()), 1)
     (out / RECIPE_FILE).write_text(json.dumps({
         "command": f"clipmatch train default --out {out} --seed {recipe.seed} --train-size {recipe.train_size}",
         "recipe": asdict(recipe), "seconds": seconds, "versions": versions()}, indent=2) + "\n")
     print(f"default model written to {out} in {seconds['total']:.0f} s: {seconds}")
-    return manifest
+    return HeadsManifest.read(out)

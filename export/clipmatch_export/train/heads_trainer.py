@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from clipmatch.preprocess import ImageConfig
 from clipmatch.tokenizer import ClipTokenizer
 
 from ..clip_loader import load_clip
+from ..synth.entities import NAME_PATTERN, rename_entities
 from ..heads import ClipmatchHeads, build_heads, heads_config_for, load_heads, save_heads
 from ..towers import ImageTower, TextTower
 from .clip_trainer import _encode_images
@@ -141,7 +141,7 @@ def _fit(heads: ClipmatchHeads, module: torch.nn.Module, feats: Features, pool: 
     meta = load_state(out, heads, optimizer, {"run": run})
     start = meta["epoch"] if meta else 0
     module.train()
-    bar = Progress(total, initial=start * steps_per_epoch, enabled=progress, desc=run["stage"])
+    bar = Progress(total, initial=start * steps_per_epoch, enabled=progress, desc=run["stage"], unit="steps")
     for epoch in range(start, epochs):
         order = pool[torch.randperm(n, generator=seeded(config.seed, epoch))]
         gen = seeded(config.seed + 1, epoch)  # negatives' draws, reproducible across a resume
@@ -293,17 +293,6 @@ def _entity_loss(entity, feats: Features, rows: torch.Tensor, config: HeadsTrain
 
 # -- name-swapped copies ---------------------------------------------------------------------------
 
-# Entity names are the capitalised words of otherwise lower-case captions
-# ("the Kestrel-7 valve"); only records with an explanation are copied.
-_NAME = re.compile(r"\b[A-Z][A-Za-z]*(?:-\d+)?")
-_SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-
-
-def _invented_name(rng: np.random.Generator) -> str:
-    word = "".join(rng.choice(_SYLLABLES, size=int(rng.integers(2, 4)))).capitalize()
-    return f"{word}-{int(rng.integers(1, 10))}" if rng.random() < 0.5 else word
-
-
 def anonymised_copies(records: Sequence[Record], seed: int) -> tuple[list[Record], set[int]]:
     """Entity records again, every name swapped for a fresh invented one, consistently
     within the record (caption, explanation, negatives and their explanations);
@@ -311,13 +300,13 @@ def anonymised_copies(records: Sequence[Record], seed: int) -> tuple[list[Record
     rng = np.random.default_rng(seed + 31)
     out, copied = [], set()
     for i, r in enumerate(records):
-        if not r.explanation or not _NAME.search(r.caption):
+        if not r.explanation or not NAME_PATTERN.search(r.caption):
             continue
         copied.add(i)
         names: dict[str, str] = {}
 
         def swap(text: str | None) -> str | None:
-            return None if text is None else _NAME.sub(lambda m: names.setdefault(m.group(0), _invented_name(rng)), text)
+            return None if text is None else rename_entities(text, names, rng)
 
         extra = dict(r.extra)
         if extra.get("negative_explanations"):

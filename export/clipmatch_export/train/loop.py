@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
-import sys
-import time
 
 import torch
+
+from clipmatch.progress import Progress
+
+__all__ = ["make_optimizer", "cosine_lr", "seeded", "Progress"]
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -28,30 +30,3 @@ def cosine_lr(step: int, total: int, peak: float, warmup: int) -> float:
 def seeded(seed: int, epoch: int) -> torch.Generator:
     """One generator per (seed, epoch): a resumed run shuffles exactly as an uninterrupted one."""
     return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
-
-class Progress:
-    """A one-line progress bar with rate and ETA, on stderr."""
-
-    def __init__(self, total: int, *, initial: int = 0, enabled: bool = True, desc: str = ""):
-        self.total, self.done, self.enabled, self.desc = total, initial, enabled, desc
-        self.start, self.first = time.perf_counter(), initial
-        self.last_print = 0.0
-        self.loss: float | None = None
-
-    def update(self, n: int = 1, *, loss: float | None = None) -> None:
-        self.done += n
-        if loss is not None:
-            self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss
-        now = time.perf_counter()
-        if self.enabled and (now - self.last_print > 0.5 or self.done == self.total):
-            self.last_print = now
-            rate = (self.done - self.first) / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            loss_text = f" loss {self.loss:.4f}" if self.loss is not None else ""
-            sys.stderr.write(f"\r{self.desc} {self.done}/{self.total} {rate:.1f} it/s eta {eta:.0f}s{loss_text}  ")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")

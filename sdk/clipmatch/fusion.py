@@ -1,0 +1,86 @@
+"""How a search's scores become one ranking.
+
+Within one candidate list each score is z-scored (GI-ITM's match probability
+as a logit first), and the fused score is the weighted sum:
+
+    fused = w_cosine * z(cosine) + w_itm * z(logit(match_prob)) + w_dcsm * z(dcsm)
+
+A head that was not run adds nothing. Z-scoring makes the weights
+scale-free: they say how much each score's *ranking* counts, whatever the
+head's range.
+
+There are two weight sets, because the scores mean different things with and
+without an explanation: with one, GI-ITM reads what the query's entity looks
+like, and the query's own cosine may know nothing of a name it never saw;
+without one, GI-ITM sees only the query. ``Fusion.for_query`` picks the set.
+
+The weights of a model are fitted on its validation split
+(``clipmatch fit-fusion``) and stored in its manifests; ``Fusion()`` (all
+ones) is the fallback for a model without fitted weights.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+
+__all__ = ["FusionWeights", "Fusion", "zscore", "logit", "fuse"]
+
+SCORES = ("cosine", "itm", "dcsm")
+
+
+@dataclass(frozen=True)
+class FusionWeights:
+    cosine: float = 1.0
+    itm: float = 1.0
+    dcsm: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in SCORES:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+                raise ValueError(f"fusion weight {name} must be a finite number >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """The two weight sets, and where they came from (``fitted``: split, seed, sizes, R@1 figures)."""
+
+    plain: FusionWeights = FusionWeights()
+    explained: FusionWeights = FusionWeights()
+    fitted: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def for_query(self, has_explanation: bool) -> FusionWeights:
+        return self.explained if has_explanation else self.plain
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plain": asdict(self.plain), "explained": asdict(self.explained), "fitted": dict(self.fitted)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Fusion":
+        try:
+            return cls(FusionWeights(**d["plain"]), FusionWeights(**d["explained"]), dict(d.get("fitted") or {}))
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"fusion weights need 'plain' and 'explained' sets of {SCORES}: {exc}") from exc
+
+
+def zscore(x: np.ndarray) -> np.ndarray:
+    """Scores made comparable within one candidate list."""
+    return (x - x.mean(axis=-1, keepdims=True)) / (x.std(axis=-1, keepdims=True) + 1e-6)
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-6, 1 - 1e-6)
+    return np.log(p / (1 - p))
+
+
+def fuse(weights: FusionWeights, cosine: np.ndarray, match_prob: np.ndarray | None = None,
+         dcsm: np.ndarray | None = None) -> np.ndarray:
+    """The fused score of each candidate (last axis: the candidate list)."""
+    fused = weights.cosine * zscore(np.asarray(cosine, np.float64))
+    if match_prob is not None:
+        fused = fused + weights.itm * zscore(logit(np.asarray(match_prob, np.float64)))
+    if dcsm is not None:
+        fused = fused + weights.dcsm * zscore(np.asarray(dcsm, np.float64))
+    return fused

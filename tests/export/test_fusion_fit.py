@@ -1,0 +1,119 @@
+"""Fusion weights: the fit finds the score that ranks, the weights travel from model to export to search."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+import clipmatch  # noqa: E402
+from clipmatch.errors import IncompatibleModelError  # noqa: E402
+from clipmatch.fusion import Fusion, FusionWeights, fuse  # noqa: E402
+from clipmatch.manifest import HEADS_MANIFEST, ExportManifest, HeadsManifest  # noqa: E402
+from clipmatch_export.exporter import export_model  # noqa: E402
+from clipmatch_export.fusion_fit import (REFERENCE, FusionFitConfig, Shortlists, collect_shortlists,  # noqa: E402
+                                         fit_model_fusion, fit_weights)
+from clipmatch_export.synth.entities import HELD_OUT_ENTITIES  # noqa: E402
+
+SMALL = FusionFitConfig(per_row=8, queries_per_row=5, shortlist=12)
+
+
+def test_fit_puts_the_weight_on_the_score_that_ranks():
+    # 200 queries of 30 candidates: the relevant one is where the DCSM score peaks,
+    # cosine and GI-ITM are noise at a larger scale.
+    rng = np.random.default_rng(0)
+    q, k = 200, 30
+    dcsm = rng.standard_normal((q, k))
+    relevant = dcsm == dcsm.max(axis=1, keepdims=True)
+    noise = Shortlists(cosine=rng.standard_normal((q, k)) * 5,
+                       match_prob=1 / (1 + np.exp(-rng.standard_normal((q, k)) * 3)),
+                       dcsm=dcsm + 0.3 * rng.standard_normal((q, k)), relevant=relevant, rows=["r"] * q)
+    weights, figures = fit_weights(noise, (0.0, 0.5, 1.0, 2.0))
+    assert weights.dcsm == 1.0 and weights.cosine < 0.5 and weights.itm < 0.5, weights
+    assert figures["r1"]["fitted"] >= max(figures["r1"][name] for name in REFERENCE)
+    assert figures["r1"]["dcsm only"] > 0.5 > figures["r1"]["cosine only"]
+
+
+def test_validation_shortlists_are_the_searchs_and_never_test(local):
+    whole = FusionFitConfig(per_row=8, queries_per_row=5, shortlist=48)  # the shortlist is the whole gallery
+    s = collect_shortlists(local, whole)
+    assert set(s) == {"plain", "explained"}
+    assert s["plain"].cosine.shape == (4 * 5, 48) and s["explained"].relevant.shape == (2 * 5, 48)
+    assert set(s["explained"].rows) == {"entity (named)", "entity (invented name)"}
+    # Each query's own image is in the gallery and satisfies it, so every whole-gallery shortlist holds a hit.
+    assert s["plain"].relevant.any(axis=1).all() and s["explained"].relevant.any(axis=1).all()
+    assert np.all((s["explained"].match_prob >= 0) & (s["explained"].match_prob <= 1))
+
+
+def test_validation_draws_no_held_out_entity():
+    from clipmatch_export.fusion_fit import _validation_rows
+
+    rows = _validation_rows(SMALL)
+    entities = {ex.entity for r in ("entity (named)", "entity (invented name)") for ex in rows[r]}
+    assert entities and not entities & HELD_OUT_ENTITIES
+    assert {ex.split for r in rows.values() for ex in r} == {"val"}
+
+
+def test_weights_go_from_model_to_export_to_search(model_copy, tmp_path):
+    fusion = fit_model_fusion(model_copy, SMALL)
+    stored = HeadsManifest.read(model_copy).fusion
+    assert stored == fusion and stored.fitted["split"] == "val" and stored.fitted["shortlist"] == 12
+    for w in (stored.plain, stored.explained):
+        assert max(w.cosine, w.itm, w.dcsm) == 1.0
+    # The weights are not part of the model identity: refitting invalidates no export or index.
+    export = export_model(model_copy, tmp_path / "export").out_dir
+    manifest = ExportManifest.read(export)
+    assert manifest.fusion == fusion
+    assert manifest.model_identity == ExportManifest.read(export).model_identity
+
+    from clipmatch.gallery_index import GalleryIndex, build_index
+    from clipmatch.explainers import KnowledgeBaseExplainer
+    from clipmatch.search import Searcher
+    from PIL import Image
+
+    pytest.importorskip("faiss")
+    paths = []
+    for i in range(12):
+        p = tmp_path / f"{i}.png"
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    m = clipmatch.Local(export)
+    build_index(m, paths, tmp_path / "idx", progress=False)
+    index = GalleryIndex.open(tmp_path / "idx")
+    (tmp_path / "kb.json").write_text(json.dumps({"Orrin pump": "a green star"}))
+    with_kb = Searcher(m, index, KnowledgeBaseExplainer(tmp_path / "kb.json"))
+    assert with_kb.search("the Orrin pump").weights == fusion.explained
+    r = with_kb.search("a red circle", top_k=12)  # the whole gallery: every candidate is a hit
+    assert r.weights == fusion.plain
+    # The ranking is the documented weighted sum of z-scores over the shortlist.
+    got = np.array([h.fused for h in r.hits])
+    want = fuse(fusion.plain, np.array([h.cosine for h in r.hits]), np.array([h.match_prob for h in r.hits]),
+                np.array([h.dcsm for h in r.hits]))
+    assert np.all(np.diff(got) <= 0) and np.allclose(got, want, atol=1e-4)
+    assert Searcher(m, index, fusion=Fusion()).search("a red circle").weights == FusionWeights()
+
+
+def test_bad_fusion_entries_are_refused_by_name(model_copy):
+    data = json.loads((model_copy / HEADS_MANIFEST).read_text())
+    data["fusion"] = {"plain": {"cosine": -1, "itm": 1, "dcsm": 1}, "explained": {}}
+    (model_copy / HEADS_MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(IncompatibleModelError, match="fusion weight cosine must be a finite number >= 0"):
+        HeadsManifest.read(model_copy)
+    data["fusion"] = {"plain": {"cosine": 1, "itm": 1, "dcsm": 1}}
+    (model_copy / HEADS_MANIFEST).write_text(json.dumps(data))
+    with pytest.raises(IncompatibleModelError, match="'plain' and 'explained'"):
+        HeadsManifest.read(model_copy)
+
+
+def test_fit_fusion_cli_dry_run_writes_nothing(model_copy, tmp_path):
+    before = (model_copy / HEADS_MANIFEST).read_text()
+    out = subprocess.run([sys.executable, "-m", "clipmatch.cli", "fit-fusion", str(model_copy), "--dry-run",
+                          "--json", str(tmp_path / "f.json")], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "plain (600 validation queries)" in out.stdout and "explained (300 validation queries)" in out.stdout
+    assert (model_copy / HEADS_MANIFEST).read_text() == before
+    assert set(json.loads((tmp_path / "f.json").read_text())) == {"plain", "explained", "fitted"}
