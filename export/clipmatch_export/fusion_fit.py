@@ -6,7 +6,9 @@ a gallery of validation images, each query's shortlist taken exactly as
 ``Searcher`` takes it (cosine of the query, plus its explanation's when it
 has one; K = 100), every head run on it through the exported graphs, and
 the weights chosen on a grid to maximise R@1 (ties: mean reciprocal rank),
-where a hit is any image that satisfies the query's logical form.
+where a hit is any image that satisfies the query's logical form. The best
+grid point is kept only where it beats equal weights by more than chance (a
+paired sign test, p < 0.01); else the set stays equal.
 
 Two weight sets, one per kind of query:
 
@@ -25,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from dataclasses import dataclass
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -121,8 +124,21 @@ def _normalised(w: tuple[float, ...]) -> FusionWeights:
     return FusionWeights(*(round(x / top, 4) for x in w))
 
 
-def fit_weights(shortlists: Shortlists, grid: tuple[float, ...]) -> tuple[FusionWeights, dict]:
-    """The grid point with the best R@1 (then MRR), and the figures that chose it."""
+def sign_test(wins: int, losses: int) -> float:
+    """One-sided p of at least ``wins`` of ``wins + losses`` discordant queries going one way by chance."""
+    n = wins + losses
+    return float(sum(math.comb(n, i) for i in range(wins, n + 1)) / 2 ** n) if n else 1.0
+
+
+def fit_weights(shortlists: Shortlists, grid: tuple[float, ...], alpha: float = 0.01) -> tuple[FusionWeights, dict]:
+    """The weights to ship for one group, and the figures that chose them.
+
+    The grid point with the best R@1 (then MRR) replaces equal weights only
+    where it beats them by more than chance: a one-sided paired sign test over
+    the queries that one gets right and the other wrong, p < ``alpha``.
+    Picking the best of 215 points finds a few queries' gain on noise alone,
+    and equal weights are the better guess then.
+    """
     best_key, best = None, None
     for w in itertools.product(grid, repeat=3):
         if not any(w):
@@ -130,18 +146,27 @@ def fit_weights(shortlists: Shortlists, grid: tuple[float, ...]) -> tuple[Fusion
         r1, mrr, _ = shortlists.r1_mrr(FusionWeights(*w))
         if best_key is None or (r1, mrr) > best_key:
             best_key, best = (r1, mrr), w
-    fitted = _normalised(best)
+    equal = REFERENCE["equal"]
+    best_hits = shortlists.r1_mrr(FusionWeights(*best))[2]
+    equal_hits = shortlists.r1_mrr(FusionWeights(*equal))[2]
+    wins, losses = int((best_hits & ~equal_hits).sum()), int((~best_hits & equal_hits).sum())
+    p = sign_test(wins, losses)
+    chosen = _normalised(best if p < alpha else equal)
     figures = {name: shortlists.r1_mrr(FusionWeights(*w))[0] for name, w in REFERENCE.items()}
-    figures["fitted"] = best_key[0]
+    figures["best on grid"] = best_key[0]
     by_row = {}
-    for name, w in (("equal", REFERENCE["equal"]), ("fitted", best)):
+    for name, w in (("equal", equal), ("best on grid", best)):
         per_query = shortlists.r1_mrr(FusionWeights(*w))[2]
         for row in dict.fromkeys(shortlists.rows):
             mask = np.array([r == row for r in shortlists.rows])
             by_row.setdefault(row, {})[name] = float(per_query[mask].mean())
-    return fitted, {"r1": {k: round(v, 4) for k, v in figures.items()},
-                    "r1_by_row": {r: {k: round(v, 4) for k, v in d.items()} for r, d in by_row.items()},
-                    "queries": len(shortlists.rows)}
+    return chosen, {
+        "r1": {k: round(v, 4) for k, v in figures.items()},
+        "r1_by_row": {r: {k: round(v, 4) for k, v in d.items()} for r, d in by_row.items()},
+        "best_on_grid": asdict(_normalised(best)),
+        "sign_test": {"wins": wins, "losses": losses, "p": p, "alpha": alpha},
+        "kept": "equal" if chosen == FusionWeights() else "best on grid",
+        "queries": len(shortlists.rows)}
 
 
 def fit_fusion(matcher: Matcher, config: FusionFitConfig = FusionFitConfig()) -> Fusion:
@@ -150,7 +175,10 @@ def fit_fusion(matcher: Matcher, config: FusionFitConfig = FusionFitConfig()) ->
     for group, s in shortlists.items():
         weights[group], figures[group] = fit_weights(s, config.grid)
     fitted = {"split": "val", "seed": config.seed, "shortlist": config.shortlist, "grid": list(config.grid),
-              "objective": "R@1 (ties: MRR)", **{g: figures[g] for g in GROUPS}}
+              "objective": "R@1 (ties: MRR)",
+              "rule": "the best grid point where a paired sign test against equal weights gives p < 0.01, "
+                      "else equal",
+              **{g: figures[g] for g in GROUPS}}
     return Fusion(weights["plain"], weights["explained"], fitted)
 
 
@@ -176,6 +204,10 @@ def format_fit(fusion: Fusion) -> str:
         lines.append(f"{group} ({f['queries']} validation queries): weights cosine {w.cosine:g}, "
                      f"gi-itm {w.itm:g}, dcsm {w.dcsm:g}")
         lines.append("  R@1: " + ", ".join(f"{k} {v:.3f}" for k, v in f["r1"].items()))
+        t = f["sign_test"]
+        b = f["best_on_grid"]
+        lines.append(f"  best on grid {b['cosine']:g} / {b['itm']:g} / {b['dcsm']:g} against equal: "
+                     f"{t['wins']} queries won, {t['losses']} lost, sign test p = {t['p']:.2g}; kept: {f['kept']}")
         for row, v in f["r1_by_row"].items():
-            lines.append(f"  {row}: equal {v['equal']:.3f} -> fitted {v['fitted']:.3f}")
+            lines.append(f"  {row}: equal {v['equal']:.3f}, best on grid {v['best on grid']:.3f}")
     return "\n".join(lines)

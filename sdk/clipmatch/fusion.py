@@ -39,8 +39,22 @@ class FusionWeights:
     def __post_init__(self) -> None:
         for name in SCORES:
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
                 raise ValueError(f"fusion weight {name} must be a finite number >= 0, got {value!r}")
+        if not any(getattr(self, name) for name in SCORES):
+            raise ValueError("fusion weights are all 0: every candidate would score the same")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], what: str = "fusion weights") -> "FusionWeights":
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{what} must be an object of {SCORES}, got {type(d).__name__}")
+        unknown = set(d) - set(SCORES)
+        if unknown:
+            raise ValueError(f"{what} has unknown scores {sorted(unknown)}; known: {SCORES}")
+        try:
+            return cls(**d)
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -59,10 +73,11 @@ class Fusion:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Fusion":
-        try:
-            return cls(FusionWeights(**d["plain"]), FusionWeights(**d["explained"]), dict(d.get("fitted") or {}))
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"fusion weights need 'plain' and 'explained' sets of {SCORES}: {exc}") from exc
+        missing = [k for k in ("plain", "explained") if k not in d]
+        if missing:
+            raise ValueError(f"fusion needs the weight sets 'plain' and 'explained'; {missing} missing")
+        return cls(FusionWeights.from_dict(d["plain"], "fusion set 'plain'"),
+                   FusionWeights.from_dict(d["explained"], "fusion set 'explained'"), dict(d.get("fitted") or {}))
 
 
 def zscore(x: np.ndarray) -> np.ndarray:

@@ -30,7 +30,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from .errors import DependencyError, ImageError, IncompatibleModelError, InputError, ModelNotFoundError
+from .errors import (DependencyError, ImageError, IncompatibleModelError, InputError, ModelNotFoundError,
+                     ShapeError)
 from .progress import Progress
 from .results import ImageEncoding
 
@@ -75,15 +76,16 @@ class GalleryIndex:
         index = _faiss().read_index(str(root / _FAISS))
         return cls(root, meta, paths, embeds, tokens, index)
 
-    def search(self, query_embeds: np.ndarray, k: int, *, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, query_embeds: np.ndarray, k: int, *, threads: int | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """(Q, k) scores and row ids by inner product (cosine: both sides are L2-normalised).
 
-        FAISS runs on ``threads`` OpenMP threads for this call (set for the calling
-        thread only). One: a search holds one query or a few, and FAISS's idle
-        threads spin on the cores onnxruntime then rescores on; measured with
-        ``benchmarks/bench_search.py`` at 10k images, the exact shortlist took
-        12.4 ms p50 with the default threads and 0.5 ms with one.
+        ``threads``: FAISS's OpenMP threads for this call, set for the calling thread
+        only and restored after; None leaves FAISS's own setting. ``Searcher`` passes
+        1 (see there).
         """
+        if threads is None:
+            return self.faiss_index.search(np.ascontiguousarray(query_embeds, dtype=np.float32), k)
         faiss = _faiss()
         before = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(threads)
@@ -139,7 +141,8 @@ class IndexWriter:
         if (self.out / _META).is_file():
             check_model(json.loads((self.out / _META).read_text()), manifest.model_identity, self.out)
         lines = _complete_lines(self.out / _LOG)
-        _truncate(self.out / _LOG, sum(len(line.encode("utf-8")) + 1 for line in lines))
+        self.log_size = sum(len(line.encode("utf-8")) + 1 for line in lines)
+        _truncate(self.out / _LOG, self.log_size)
         self.done = {json.loads(line)["path"] for line in lines}
         self.count = len(lines)
         # Cut a torn chunk: the arrays keep exactly the committed rows.
@@ -148,17 +151,38 @@ class IndexWriter:
         self.failed_before = {json.loads(line)["path"] for line in _complete_lines(self.out / _FAILED)}
 
     def append(self, paths: Sequence[str], encoding: ImageEncoding) -> None:
-        """Commit ``paths`` with their encodings (rows in the same order)."""
+        """Commit ``paths`` with their encodings (rows in the same order).
+
+        Everything is checked before anything is written, and a failed write is
+        cut back, so the arrays never hold a row the commit log does not name.
+        """
         n = len(paths)
+        for i, path in enumerate(paths):
+            if not isinstance(path, str):
+                raise InputError(f"path {i} must be a str, got {type(path).__name__} ({path!r})")
+        seen: set[str] = set()
+        for path in paths:
+            if path in self.done or path in seen:
+                raise InputError(f"{path} is already in the index {self.out}" if path in self.done
+                                 else f"{path} is given twice")
+            seen.add(path)
         if encoding.embeds.shape != (n, self.d) or encoding.tokens.shape != (n, self.p, self.d):
-            raise InputError(f"{n} paths need embeds ({n}, {self.d}) and tokens ({n}, {self.p}, {self.d}), got "
+            raise ShapeError(f"{n} paths need embeds ({n}, {self.d}) and tokens ({n}, {self.p}, {self.d}), got "
                              f"{encoding.embeds.shape} and {encoding.tokens.shape}")
-        _append(self.out / _EMB, np.ascontiguousarray(encoding.embeds, np.float32).tobytes())
-        _append(self.out / _TOK, np.ascontiguousarray(encoding.tokens, np.float16).tobytes())
-        # The commit: these images count as indexed once their lines are complete.
-        _append(self.out / _LOG, "".join(json.dumps({"id": self.count + i, "path": path}) + "\n"
-                                         for i, path in enumerate(paths)).encode("utf-8"))
+        log = "".join(json.dumps({"id": self.count + i, "path": path}) + "\n"
+                      for i, path in enumerate(paths)).encode("utf-8")
+        try:
+            _append(self.out / _EMB, np.ascontiguousarray(encoding.embeds, np.float32).tobytes())
+            _append(self.out / _TOK, np.ascontiguousarray(encoding.tokens, np.float16).tobytes())
+            # The commit: these images count as indexed once their lines are complete.
+            _append(self.out / _LOG, log)
+        except BaseException:
+            _truncate(self.out / _LOG, self.log_size)
+            _truncate(self.out / _EMB, self.count * self.d * 4)
+            _truncate(self.out / _TOK, self.count * self.p * self.d * 2)
+            raise
         self.count += n
+        self.log_size += len(log)
         self.done.update(paths)
 
     def fail(self, path: str, reason: str) -> None:

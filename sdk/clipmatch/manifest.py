@@ -172,7 +172,7 @@ def _read_fusion(data: Mapping[str, Any], path: Path) -> Fusion | None:
         return None
     try:
         return Fusion.from_dict(data["fusion"])
-    except (ValueError, AttributeError) as exc:
+    except (ValueError, TypeError, AttributeError) as exc:
         raise IncompatibleModelError(f"{path}: {exc}") from exc
 
 

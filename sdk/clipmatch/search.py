@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import TextError
+from .errors import BackendError, InputError, TextError
 from .explainers import Explainer, Explanation
 from .fusion import Fusion, FusionWeights, fuse
 from .gallery_index import GalleryIndex, check_model
@@ -81,6 +81,9 @@ class Searcher:
         unknown = set(rescore) - {"itm", "dcsm"}
         if unknown:
             raise TextError(f"rescore must name itm and/or dcsm, got {sorted(unknown)}")
+        for name, value in (("top_k", top_k), ("shortlist", shortlist)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InputError(f"{name} must be a positive int, got {value!r}")
         times: dict[str, float] = {}
         notes: list[str] = []
         t = time.perf_counter()
@@ -97,10 +100,16 @@ class Searcher:
             notes.append("the query was longer than the text context and was cut")
         times["encode"] = (time.perf_counter() - t) * 1e3
 
-        t = time.perf_counter()
         n = len(self.index.paths)
-        k = min(shortlist, n)
-        _, ids = self.index.search(vector, k)
+        if n == 0:
+            notes.append(f"the index {self.index.root} holds no images")
+            return SearchResult(query, [], explanation, times, notes, self.fusion.for_query(text is not None))
+        t = time.perf_counter()
+        # One FAISS thread: a search holds one query, and FAISS's idle OpenMP threads
+        # spin on the cores onnxruntime rescores on next. Measured with
+        # benchmarks/bench_search.py at 10k images: the exact shortlist took 10-12 ms
+        # p50 with FAISS's default threads, 0.5 ms with one, and rescoring 37 ms, not 30.
+        _, ids = self.index.search(vector, min(shortlist, n), threads=1)
         ids = ids[0][ids[0] >= 0]
         times["shortlist"] = (time.perf_counter() - t) * 1e3
 
@@ -113,6 +122,13 @@ class Searcher:
         if heads:
             r = self.matcher.rescore(enc.row(0), cands, explanation=None if text is None else enc.row(1),
                                      heads=heads)
+        if r is not None:
+            for name in ("match_prob", "dcsm"):
+                v = getattr(r, name)
+                if v is not None and not np.isfinite(v).all():
+                    bad = [int(ids[j]) for j in np.flatnonzero(~np.isfinite(v))[:5]]
+                    raise BackendError(f"the {name} score is not finite for index rows {bad} "
+                                       f"({self.index.paths[bad[0]]}, ...): the model or its cached tokens are broken")
         weights = self.fusion.for_query(text is not None)
         fused = fuse(weights, cosine, None if r is None else r.match_prob, None if r is None else r.dcsm)
         times["rescore"] = (time.perf_counter() - t) * 1e3

@@ -14,12 +14,17 @@ import clipmatch  # noqa: E402
 from clipmatch.errors import IncompatibleModelError  # noqa: E402
 from clipmatch.fusion import Fusion, FusionWeights, fuse  # noqa: E402
 from clipmatch.manifest import HEADS_MANIFEST, ExportManifest, HeadsManifest  # noqa: E402
-from clipmatch_export.exporter import export_model  # noqa: E402
+from clipmatch_export.exporter import ExportOptions, export_model  # noqa: E402
 from clipmatch_export.fusion_fit import (REFERENCE, FusionFitConfig, Shortlists, collect_shortlists,  # noqa: E402
                                          fit_model_fusion, fit_weights)
 from clipmatch_export.synth.entities import HELD_OUT_ENTITIES  # noqa: E402
 
 SMALL = FusionFitConfig(per_row=8, queries_per_row=5, shortlist=12)
+
+
+def _noise(rng, q, k, relevant, dcsm):
+    return Shortlists(cosine=rng.standard_normal((q, k)) * 5, match_prob=1 / (1 + np.exp(-rng.standard_normal((q, k)) * 3)),
+                      dcsm=dcsm, relevant=relevant, rows=["r"] * q)
 
 
 def test_fit_puts_the_weight_on_the_score_that_ranks():
@@ -29,24 +34,39 @@ def test_fit_puts_the_weight_on_the_score_that_ranks():
     q, k = 200, 30
     dcsm = rng.standard_normal((q, k))
     relevant = dcsm == dcsm.max(axis=1, keepdims=True)
-    noise = Shortlists(cosine=rng.standard_normal((q, k)) * 5,
-                       match_prob=1 / (1 + np.exp(-rng.standard_normal((q, k)) * 3)),
-                       dcsm=dcsm + 0.3 * rng.standard_normal((q, k)), relevant=relevant, rows=["r"] * q)
-    weights, figures = fit_weights(noise, (0.0, 0.5, 1.0, 2.0))
+    weights, figures = fit_weights(_noise(rng, q, k, relevant, dcsm + 0.3 * rng.standard_normal((q, k))),
+                                   (0.0, 0.5, 1.0, 2.0))
     assert weights.dcsm == 1.0 and weights.cosine < 0.5 and weights.itm < 0.5, weights
-    assert figures["r1"]["fitted"] >= max(figures["r1"][name] for name in REFERENCE)
+    assert figures["kept"] == "best on grid" and figures["sign_test"]["p"] < 0.01
+    assert figures["r1"]["best on grid"] >= max(figures["r1"][name] for name in REFERENCE)
     assert figures["r1"]["dcsm only"] > 0.5 > figures["r1"]["cosine only"]
 
 
-def test_validation_shortlists_are_the_searchs_and_never_test(local):
+def test_a_gain_within_noise_keeps_equal_weights():
+    # Nothing ranks: the best grid point wins a few queries by chance, and equal weights stay.
+    rng = np.random.default_rng(1)
+    q, k = 300, 20
+    relevant = np.zeros((q, k), bool)
+    relevant[np.arange(q), rng.integers(0, k, q)] = True
+    weights, figures = fit_weights(_noise(rng, q, k, relevant, rng.standard_normal((q, k))), (0.0, 0.5, 1.0, 2.0))
+    assert figures["r1"]["best on grid"] > figures["r1"]["equal"]  # the grid always finds some gain
+    assert figures["kept"] == "equal" and figures["sign_test"]["p"] >= 0.01 and weights == FusionWeights()
+
+
+def test_validation_shortlists_are_ranked_as_the_search_ranks(local):
     whole = FusionFitConfig(per_row=8, queries_per_row=5, shortlist=48)  # the shortlist is the whole gallery
     s = collect_shortlists(local, whole)
     assert set(s) == {"plain", "explained"}
     assert s["plain"].cosine.shape == (4 * 5, 48) and s["explained"].relevant.shape == (2 * 5, 48)
     assert set(s["explained"].rows) == {"entity (named)", "entity (invented name)"}
+    # Without an explanation the shortlist is in the query's cosine order, as Searcher's FAISS shortlist.
+    assert np.all(np.diff(s["plain"].cosine, axis=1) <= 1e-6)
     # Each query's own image is in the gallery and satisfies it, so every whole-gallery shortlist holds a hit.
     assert s["plain"].relevant.any(axis=1).all() and s["explained"].relevant.any(axis=1).all()
     assert np.all((s["explained"].match_prob >= 0) & (s["explained"].match_prob <= 1))
+    small = collect_shortlists(local, SMALL)
+    assert small["plain"].cosine.shape == (20, 12)
+    assert np.allclose(small["plain"].cosine, s["plain"].cosine[:, :12], atol=1e-6)
 
 
 def test_validation_draws_no_held_out_entity():
@@ -59,23 +79,26 @@ def test_validation_draws_no_held_out_entity():
 
 
 def test_weights_go_from_model_to_export_to_search(model_copy, tmp_path):
+    before = HeadsManifest.read(model_copy).identity
+    first = ExportManifest.read(export_model(model_copy, tmp_path / "before", ExportOptions(fp16=False)).out_dir)
     fusion = fit_model_fusion(model_copy, SMALL)
-    stored = HeadsManifest.read(model_copy).fusion
-    assert stored == fusion and stored.fitted["split"] == "val" and stored.fitted["shortlist"] == 12
-    for w in (stored.plain, stored.explained):
+    stored = HeadsManifest.read(model_copy)
+    assert stored.fusion == fusion and fusion.fitted["split"] == "val" and fusion.fitted["shortlist"] == 12
+    for w in (fusion.plain, fusion.explained):
         assert max(w.cosine, w.itm, w.dcsm) == 1.0
     # The weights are not part of the model identity: refitting invalidates no export or index.
-    export = export_model(model_copy, tmp_path / "export").out_dir
+    export = export_model(model_copy, tmp_path / "export", ExportOptions(fp16=False)).out_dir
     manifest = ExportManifest.read(export)
-    assert manifest.fusion == fusion
-    assert manifest.model_identity == ExportManifest.read(export).model_identity
-
-    from clipmatch.gallery_index import GalleryIndex, build_index
-    from clipmatch.explainers import KnowledgeBaseExplainer
-    from clipmatch.search import Searcher
-    from PIL import Image
+    assert stored.identity == before and manifest.model_identity == first.model_identity
+    assert manifest.fusion == fusion and first.fusion is None
 
     pytest.importorskip("faiss")
+    from PIL import Image
+
+    from clipmatch.explainers import KnowledgeBaseExplainer
+    from clipmatch.gallery_index import GalleryIndex, build_index
+    from clipmatch.search import Searcher
+
     paths = []
     for i in range(12):
         p = tmp_path / f"{i}.png"
@@ -85,28 +108,33 @@ def test_weights_go_from_model_to_export_to_search(model_copy, tmp_path):
     build_index(m, paths, tmp_path / "idx", progress=False)
     index = GalleryIndex.open(tmp_path / "idx")
     (tmp_path / "kb.json").write_text(json.dumps({"Orrin pump": "a green star"}))
-    with_kb = Searcher(m, index, KnowledgeBaseExplainer(tmp_path / "kb.json"))
-    assert with_kb.search("the Orrin pump").weights == fusion.explained
-    r = with_kb.search("a red circle", top_k=12)  # the whole gallery: every candidate is a hit
-    assert r.weights == fusion.plain
+    # Distinct sets, so that which one a search used shows.
+    chosen = Fusion(FusionWeights(1.0, 0.5, 0.25), FusionWeights(0.0, 1.0, 0.5))
+    with_kb = Searcher(m, index, KnowledgeBaseExplainer(tmp_path / "kb.json"), fusion=chosen)
+    assert with_kb.search("the Orrin pump").weights == chosen.explained
+    r = with_kb.search("a red circle", top_k=12)  # top_k = the gallery: every shortlisted image is a hit
+    assert r.weights == chosen.plain
     # The ranking is the documented weighted sum of z-scores over the shortlist.
     got = np.array([h.fused for h in r.hits])
-    want = fuse(fusion.plain, np.array([h.cosine for h in r.hits]), np.array([h.match_prob for h in r.hits]),
+    want = fuse(chosen.plain, np.array([h.cosine for h in r.hits]), np.array([h.match_prob for h in r.hits]),
                 np.array([h.dcsm for h in r.hits]))
-    assert np.all(np.diff(got) <= 0) and np.allclose(got, want, atol=1e-4)
-    assert Searcher(m, index, fusion=Fusion()).search("a red circle").weights == FusionWeights()
+    assert np.allclose(got, want, atol=1e-4)
+    assert Searcher(m, index).search("a red circle").weights == fusion.plain  # the model's own by default
 
 
 def test_bad_fusion_entries_are_refused_by_name(model_copy):
     data = json.loads((model_copy / HEADS_MANIFEST).read_text())
-    data["fusion"] = {"plain": {"cosine": -1, "itm": 1, "dcsm": 1}, "explained": {}}
-    (model_copy / HEADS_MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(IncompatibleModelError, match="fusion weight cosine must be a finite number >= 0"):
-        HeadsManifest.read(model_copy)
-    data["fusion"] = {"plain": {"cosine": 1, "itm": 1, "dcsm": 1}}
-    (model_copy / HEADS_MANIFEST).write_text(json.dumps(data))
-    with pytest.raises(IncompatibleModelError, match="'plain' and 'explained'"):
-        HeadsManifest.read(model_copy)
+    ok = {"cosine": 1, "itm": 1, "dcsm": 1}
+    for fusion, message in (
+            ({"plain": ok, "explained": {**ok, "itm": -1}}, "set 'explained': fusion weight itm must be a finite"),
+            ({"plain": {**ok, "dcsm": True}, "explained": ok}, "set 'plain': fusion weight dcsm must be a finite"),
+            ({"plain": {"cosine": 0, "itm": 0, "dcsm": 0}, "explained": ok}, "set 'plain': fusion weights are all 0"),
+            ({"plain": {**ok, "clip": 1}, "explained": ok}, r"set 'plain' has unknown scores \['clip'\]"),
+            ({"plain": ok}, r"'explained'\] missing"),
+            ({"plain": [1, 1, 1], "explained": ok}, "set 'plain' must be an object")):
+        (model_copy / HEADS_MANIFEST).write_text(json.dumps({**data, "fusion": fusion}))
+        with pytest.raises(IncompatibleModelError, match=message):
+            HeadsManifest.read(model_copy)
 
 
 def test_fit_fusion_cli_dry_run_writes_nothing(model_copy, tmp_path):

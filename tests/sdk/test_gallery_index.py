@@ -14,8 +14,9 @@ from PIL import Image
 
 pytest.importorskip("faiss")
 
-from clipmatch.errors import IncompatibleModelError  # noqa: E402
-from clipmatch.gallery_index import GalleryIndex, build_index  # noqa: E402
+from clipmatch.errors import IncompatibleModelError, InputError, ShapeError  # noqa: E402
+from clipmatch.gallery_index import GalleryIndex, IndexWriter, build_index  # noqa: E402
+from clipmatch.results import ImageEncoding  # noqa: E402
 
 
 def write_images(folder, n, start=0):
@@ -117,3 +118,29 @@ def test_progress_redraws_on_a_terminal_and_writes_lines_to_a_log():
     assert "\r" not in log.getvalue() and len(lines) == 2
     assert lines[0].startswith("index [##") and " 1/10" in lines[0]
     assert " 4/10  40%" in lines[1] and "images/s" in lines[1]
+
+
+def test_index_writer_refuses_bad_rows_before_writing_and_cuts_back_a_failed_write(local, tmp_path):
+    enc = local.encode_images(write_images(tmp_path / "g", 4))
+    w = IndexWriter(tmp_path / "idx", local.manifest)
+    w.append(["a.png"], enc[0:1])
+    sizes = {f: (tmp_path / "idx" / f).stat().st_size for f in ("embeds.f32", "tokens.f16", "images.jsonl")}
+    with pytest.raises(InputError, match=r"path 1 must be a str, got PosixPath"):
+        w.append(["b.png", tmp_path / "c.png"], enc[1:3])
+    with pytest.raises(InputError, match="a.png is already in the index"):
+        w.append(["a.png"], enc[1:2])
+    with pytest.raises(InputError, match="b.png is given twice"):
+        w.append(["b.png", "b.png"], enc[1:3])
+    with pytest.raises(ShapeError, match=r"2 paths need embeds \(2, "):
+        w.append(["b.png", "c.png"], enc[1:2])
+    # A write that fails halfway (the tokens cannot be converted after the embeddings went
+    # out) is cut back: the arrays never hold a row the commit log does not name.
+    broken = ImageEncoding(enc.embeds[1:2], np.full(enc.tokens[1:2].shape, "x", dtype=object))
+    with pytest.raises(ValueError):
+        w.append(["b.png"], broken)
+    assert {f: (tmp_path / "idx" / f).stat().st_size for f in sizes} == sizes
+    w.append(["b.png", "c.png"], enc[1:3])
+    w.finish()
+    index = GalleryIndex.open(tmp_path / "idx", local.manifest.model_identity)
+    assert index.paths == ["a.png", "b.png", "c.png"]
+    assert np.allclose(index.embeds, enc.embeds[:3]) and np.allclose(index.tokens, enc.tokens[:3], atol=2e-3)
