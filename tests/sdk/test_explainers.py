@@ -9,7 +9,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from clipmatch.errors import ExplainerError
-from clipmatch.explainers import CachedExplainer, KnowledgeBaseExplainer, OpenAIExplainer, normalise
+from clipmatch.explainers import (CachedExplainer, KnowledgeBaseExplainer, OpenAIExplainer, clean_explanation,
+                                  normalise, query_names)
 
 KB = {"Kestrel-7 valve": "a blue circle with yellow stripes and a white dot",
       "Kestrel valve": "a red square with green dots",
@@ -44,7 +45,8 @@ class ChatServer:
                     return self._send(int(what), b'{"error": "busy"}')
                 if what == "malformed":
                     return self._send(200, b'{"choices": [{"mess')
-                content = "" if what == "empty" else f"it looks like the thing in: {query}"
+                content = {"empty": "", "name only": query}.get(
+                    what, f"The {query} is a green star with purple checks. It is made of brass.")
                 self._send(200, json.dumps({"choices": [{"message": {"role": "assistant",
                                                                      "content": content}}]}).encode())
 
@@ -101,7 +103,10 @@ def test_endpoint_explainer_speaks_the_protocol_with_the_key_from_the_environmen
     monkeypatch.setenv("CLIPMATCH_TEST_KEY", "sk-test")
     e = OpenAIExplainer(chat.base_url, "tiny-llm", api_key_env="CLIPMATCH_TEST_KEY", backoff_s=0.01)
     out = e.explain("the Orrin pump")
-    assert out.ok and out.text == "it looks like the thing in: the Orrin pump"
+    assert out.ok and out.text == "a green star with purple checks"  # the look, cleaned of the answer around it
+    raw = OpenAIExplainer(chat.base_url, "tiny-llm", clean=False).explain("the Orrin pump")
+    assert raw.text == "The the Orrin pump is a green star with purple checks. It is made of brass."
+    assert raw.source != out.source  # cleaned and raw answers are cached apart
     req = chat.requests[0]
     assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-test"
     assert req["body"]["model"] == "tiny-llm" and "Do not repeat its name" in req["body"]["messages"][0]["content"]
@@ -109,16 +114,39 @@ def test_endpoint_explainer_speaks_the_protocol_with_the_key_from_the_environmen
 
 def test_endpoint_failures_never_lose_the_query(chat):
     chat.behaviour = {"busy": ["429", "429", "ok"], "down": ["500"], "broken": ["malformed"], "blank": ["empty"],
-                      "slow": ["slow"]}
+                      "slow": ["slow"], "the Zarn-9 tap": ["name only"]}
     e = OpenAIExplainer(chat.base_url, "m", timeout_s=0.3, retries=2, backoff_s=0.01, concurrency=3)
-    got = {x.query: x for x in e.explain_many(["busy", "down", "broken", "blank", "slow", "fine"])}
+    got = {x.query: x for x in e.explain_many(["busy", "down", "broken", "blank", "slow", "fine", "the Zarn-9 tap"])}
+    assert "no description once cleaned: 'the Zarn-9 tap'" in got["the Zarn-9 tap"].error
     assert got["busy"].ok  # retried through two 429s
     assert not got["down"].ok and "500" in got["down"].error and "after 3 attempts" in got["down"].error
     assert "malformed" in got["broken"].error and "empty" in got["blank"].error
     assert "timed out" in got["slow"].error
-    assert got["fine"].ok and len(got) == 6
+    assert got["fine"].ok and len(got) == 7
     with pytest.raises(ExplainerError, match="must start with http"):
         OpenAIExplainer("localhost:8000", "m")
+
+
+@pytest.mark.parametrize("answer, query, look", [
+    ("The Kestrel-7 valve is a blue circle with yellow stripes.", "the Kestrel-7 valve",
+     "a blue circle with yellow stripes"),
+    ("It looks like an orange star with green dots. It is used in boilers.", "a photo of the Orrin pump",
+     "an orange star with green dots"),
+    ('"A red square with a white rim"', "the Orrin pump", "A red square with a white rim"),
+    ("This is a Kestrel-7: a blue circle", "the Kestrel-7 valve", "a blue circle"),
+    # A subject that is not the query's thing stays: "a circle that is ..." describes the look.
+    ("A blue circle that is a bit shiny", "the Orrin pump", "A blue circle that is a bit shiny"),
+    ("The valve is a red star", "the WH-1000XM5 valve", "a red star"),
+])
+def test_an_answer_is_cleaned_to_the_look_it_describes(answer, query, look):
+    assert clean_explanation(answer, query) == look
+
+
+def test_names_in_a_query_are_found_by_their_shape():
+    assert query_names("the Kestrel-7 valve") == ["Kestrel-7"]
+    assert query_names("an iPhone in red") == ["iPhone"]
+    assert query_names("Sony WH-1000XM5 headphones") == ["WH-1000XM5"]  # a first capital may just start the query
+    assert query_names("Red circle left of a blue square") == []
 
 
 def test_an_endpoint_that_is_down_is_a_reported_failure():
@@ -165,7 +193,10 @@ def test_local_causal_lm_explainer_runs_a_tiny_random_model(tmp_path):
     e = TransformersExplainer(folder, max_new_tokens=5)
     out = e.explain("the Orrin pump")
     assert out.query == "the Orrin pump" and out.source == e.identity
-    assert out.ok or "empty" in out.error  # a random model may well say nothing
+    # A random model may well say nothing, or nothing the query does not already say.
+    assert out.ok or "empty" in out.error or "no description once cleaned" in out.error
+    raw = TransformersExplainer(folder, max_new_tokens=5, clean=False).explain("the Orrin pump")
+    assert raw.ok and len(raw.text.split()) >= 1 and raw.source != out.source
     assert e.explain("the Orrin pump") == out  # greedy: the same every time
     with pytest.raises(ExplainerError, match="no causal LM"):
         TransformersExplainer(tmp_path)
