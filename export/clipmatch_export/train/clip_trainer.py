@@ -32,7 +32,7 @@ from ..towers import ImageTower, TextTower
 from .configs import ClipTrainConfig
 from .data import Record
 from .localise import localisation_loss, word_patch_targets
-from .loop import Progress, cosine_lr, make_optimizer, seeded
+from .loop import Progress, cosine_lr, deterministic, make_optimizer, seeded
 from .state import clear_state, load_state, save_state
 
 
@@ -106,35 +106,36 @@ def train_clip(records: Sequence[Record], out_dir: str | Path, config: ClipTrain
     t0 = time.perf_counter()
     bar = Progress(total, initial=start * steps_per_epoch, enabled=progress, desc="clip", unit="steps")
     end = config.epochs if stop_after is None else min(config.epochs, start + stop_after)
-    for epoch in range(start, end):
-        order = torch.randperm(len(pairs), generator=seeded(config.seed, epoch))
-        for b in range(steps_per_epoch):
-            rows = order[b * config.batch_size:(b + 1) * config.batch_size]
-            step = epoch * steps_per_epoch + b
-            for g in optimizer.param_groups:
-                g["lr"] = cosine_lr(step, total, config.lr, config.warmup_steps)
-            img, img_tokens = image_tower(pixels[image_index[rows]].float())
-            width = int(mask[rows].sum(1).max())
-            txt, txt_tokens = text_tower(ids[rows, :width], mask[rows, :width])
-            loss = contrastive_loss(img, txt, model.logit_scale, text_class[rows], image_index[rows])
-            if config.token_loss_weight:
-                # On a sub-batch: the (B, B, P, T) map grows with B squared, and a
-                # smaller batch is enough to shape the token space.
-                sub = slice(0, config.token_loss_batch)
-                loss = loss + config.token_loss_weight * token_loss(
-                    img_tokens[sub], txt_tokens[sub], mask[rows, :width][sub], model.logit_scale,
-                    text_class[rows][sub], image_index[rows][sub])
-            if targets is not None:
-                loss = loss + config.localise_weight * localisation_loss(
-                    img_tokens, txt_tokens, targets[rows, :width], model.logit_scale)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))
-            bar.update(loss=loss.item())
-        save_state(out, model, optimizer, {"run": run, "epoch": epoch + 1})
+    with deterministic():  # the same seed, the same weights
+        for epoch in range(start, end):
+            order = torch.randperm(len(pairs), generator=seeded(config.seed, epoch))
+            for b in range(steps_per_epoch):
+                rows = order[b * config.batch_size:(b + 1) * config.batch_size]
+                step = epoch * steps_per_epoch + b
+                for g in optimizer.param_groups:
+                    g["lr"] = cosine_lr(step, total, config.lr, config.warmup_steps)
+                img, img_tokens = image_tower(pixels[image_index[rows]].float())
+                width = int(mask[rows].sum(1).max())
+                txt, txt_tokens = text_tower(ids[rows, :width], mask[rows, :width])
+                loss = contrastive_loss(img, txt, model.logit_scale, text_class[rows], image_index[rows])
+                if config.token_loss_weight:
+                    # On a sub-batch: the (B, B, P, T) map grows with B squared, and a
+                    # smaller batch is enough to shape the token space.
+                    sub = slice(0, config.token_loss_batch)
+                    loss = loss + config.token_loss_weight * token_loss(
+                        img_tokens[sub], txt_tokens[sub], mask[rows, :width][sub], model.logit_scale,
+                        text_class[rows][sub], image_index[rows][sub])
+                if targets is not None:
+                    loss = loss + config.localise_weight * localisation_loss(
+                        img_tokens, txt_tokens, targets[rows, :width], model.logit_scale)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100))
+                bar.update(loss=loss.item())
+            save_state(out, model, optimizer, {"run": run, "epoch": epoch + 1})
     bar.close()
     if end < config.epochs:
         return None

@@ -42,7 +42,7 @@ from ..towers import ImageTower, TextTower
 from .clip_trainer import _encode_images
 from .configs import HeadsTrainConfig
 from .data import Record
-from .loop import Progress, cosine_lr, make_optimizer, seeded
+from .loop import Progress, cosine_lr, deterministic, make_optimizer, seeded
 from .state import clear_state, load_state, save_state, saved_run
 
 
@@ -142,20 +142,21 @@ def _fit(heads: ClipmatchHeads, module: torch.nn.Module, feats: Features, pool: 
     start = meta["epoch"] if meta else 0
     module.train()
     bar = Progress(total, initial=start * steps_per_epoch, enabled=progress, desc=run["stage"], unit="steps")
-    for epoch in range(start, epochs):
-        order = pool[torch.randperm(n, generator=seeded(config.seed, epoch))]
-        gen = seeded(config.seed + 1, epoch)  # negatives' draws, reproducible across a resume
-        for b in range(steps_per_epoch):
-            rows = order[b * config.batch_size:(b + 1) * config.batch_size]
-            for g in optimizer.param_groups:
-                g["lr"] = cosine_lr(epoch * steps_per_epoch + b, total, config.lr, config.warmup_steps)
-            loss = loss_fn(module, feats, rows, config, gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
-            optimizer.step()
-            bar.update(loss=loss.item())
-        save_state(out, heads, optimizer, {"run": run, "epoch": epoch + 1})
+    with deterministic():  # the same seed, the same weights
+        for epoch in range(start, epochs):
+            order = pool[torch.randperm(n, generator=seeded(config.seed, epoch))]
+            gen = seeded(config.seed + 1, epoch)  # negatives' draws, reproducible across a resume
+            for b in range(steps_per_epoch):
+                rows = order[b * config.batch_size:(b + 1) * config.batch_size]
+                for g in optimizer.param_groups:
+                    g["lr"] = cosine_lr(epoch * steps_per_epoch + b, total, config.lr, config.warmup_steps)
+                loss = loss_fn(module, feats, rows, config, gen)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+                optimizer.step()
+                bar.update(loss=loss.item())
+            save_state(out, heads, optimizer, {"run": run, "epoch": epoch + 1})
     bar.close()
     module.eval()
     clear_state(out)
