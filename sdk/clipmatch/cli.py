@@ -238,7 +238,7 @@ def cmd_search(args) -> int:
         if args.explain.startswith(("http://", "https://")):
             if not args.llm_model:
                 raise SystemExit("clipmatch: error: --explain URL needs --llm-model NAME")
-            explainer = OpenAIExplainer(args.explain, args.llm_model)
+            explainer = OpenAIExplainer(args.explain, args.llm_model, clean=not args.no_clean)
         else:
             explainer = KnowledgeBaseExplainer(args.explain)
         if args.cache:
@@ -442,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--explain", default=None,
                    help="a knowledge base (.json / .jsonl) or an OpenAI-compatible base URL (http://.../v1)")
     s.add_argument("--llm-model", default=None, help="model name at the --explain URL")
+    s.add_argument("--no-clean", action="store_true",
+                   help="keep the --explain URL's answers as given, not cut to the look they describe")
     s.add_argument("--cache", type=Path, default=None, help="SQLite explanation cache (default: none)")
     s.add_argument("--rescore", default="itm,dcsm", help="heads to rescore with: itm, dcsm, both, or ''")
     s.add_argument("--top-k", type=int, default=10)

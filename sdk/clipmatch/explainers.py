@@ -19,13 +19,9 @@ without it and its result says so. Only setting an explainer up (a missing
 knowledge base, a malformed URL) raises ``ExplainerError``.
 
 The prompt asks for the look alone, as a noun phrase, and an answer from a
-language model is cleaned to that (``clean_explanation``): its first sentence,
-without a leading "The <name> is" / "It looks like", and without the query's
-names. On the default model, held-out entity queries searched with
-explanations phrased "The <name> is <look>." got R@1 0.00, against 0.73 with
-the bare look; "It looks like <look>" got 0.00 and "It is <look>." 0.55. A
-name the towers never saw, and words around the look, pull the explanation's
-embedding away from the image.
+language model is cut to that (``clipmatch.explanation_cleaning``). An answer
+that says nothing beyond the query is a settled failure (``final``): cached
+like an answer, so the model is not asked again.
 """
 from __future__ import annotations
 
@@ -42,6 +38,7 @@ from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
 from .errors import DependencyError, ExplainerError
+from .explanation_cleaning import CLEANING_VERSION, clean_explanation, query_names
 
 __all__ = [
     "Explanation", "Explainer", "KnowledgeBaseExplainer", "OpenAIExplainer", "TransformersExplainer",
@@ -64,6 +61,7 @@ class Explanation:
     source: str  # which explainer (and entity, for a knowledge base) gave it
     error: str | None = None
     cached: bool = False
+    final: bool = False  # a failure that asking again would not change (the answer added nothing)
 
     @property
     def ok(self) -> bool:
@@ -155,52 +153,6 @@ class KnowledgeBaseExplainer:
         return _one_by_one(self, queries)
 
 
-# -- cleaning a language model's answer ------------------------------------------------------------
-
-_WORD = re.compile(r"[^\W_](?:[\w'-]*[^\W_])?")
-_ARTICLES = frozenset("a an the of in on at for with and or to".split())
-# A leading subject and verb to drop: "The Kestrel-7 valve is", "It looks like", "This is".
-_LEAD = re.compile(r"^(?P<subject>[^,;:.]{0,80}?)\s+(?:is|are|was|looks like|look like|looks|appears to be|"
-                   r"appears as|resembles|is shaped like)\s+(?=(?:a|an|the|one|two|three)\b)", re.IGNORECASE)
-_PRONOUNS = frozenset("it this that they its the item thing object one".split())
-
-
-def query_names(query: str) -> list[str]:
-    """The words of ``query`` that look like names: with a digit and a letter ("Kestrel-7",
-    "XM5"), a capital inside ("iPhone"), or capitalised anywhere but first ("the Orrin pump")."""
-    names = []
-    for i, w in enumerate(_WORD.findall(query)):
-        if w.lower() in _ARTICLES:
-            continue
-        digits_and_letters = any(c.isdigit() for c in w) and any(c.isalpha() for c in w)
-        if digits_and_letters or any(c.isupper() for c in w[1:]) or (i > 0 and w[0].isupper()):
-            names.append(w)
-    return names
-
-
-def clean_explanation(text: str, query: str) -> str:
-    """A language model's answer cut to the look it describes: the first sentence, without a
-    leading subject and verb that name the query's thing ("The Kestrel-7 valve is", "It looks
-    like") or a short label before a colon, without the query's names, without surrounding
-    quotes and punctuation. Empty when nothing is left that the query does not already say."""
-    text = " ".join(text.split()).strip(" \"'")
-    first = re.split(r"(?<=[.!?])\s+", text, maxsplit=1)[0]
-    lead = _LEAD.match(first)
-    if lead:
-        subject = {w.lower() for w in _WORD.findall(lead.group("subject"))}
-        query_words = {w.lower() for w in _WORD.findall(query)} - _ARTICLES
-        if subject <= _PRONOUNS or subject & query_words:  # about the query's thing, not "a circle that is"
-            first = first[lead.end():]
-    for name in sorted(set(query_names(query)), key=len, reverse=True):
-        first = re.sub(rf"(?<![\w-]){re.escape(name)}(?:'s)?(?![\w-])", "", first, flags=re.IGNORECASE)
-    head, colon, tail = first.partition(":")
-    if colon and tail.strip() and len(_WORD.findall(head)) <= 3:  # "the valve: a blue circle"
-        first = tail
-    first = re.sub(r"\s+", " ", first).strip(" .,;:!?\"'")
-    words = {w.lower() for w in _WORD.findall(first)} - _ARTICLES
-    return first if words - {w.lower() for w in _WORD.findall(query)} else ""  # nothing beyond the query
-
-
 # -- OpenAI-compatible endpoint ------------------------------------------------------------------
 
 class OpenAIExplainer:
@@ -229,7 +181,7 @@ class OpenAIExplainer:
         self._httpx = httpx
         prompt_hash = hashlib.sha256(prompt.encode()).hexdigest()[:12]
         self.identity = (f"openai:{base_url.rstrip('/')}:{model}:{prompt_hash}:{temperature}:{max_tokens}"
-                         + (":clean" if clean else ""))
+                         + (f":clean-v{CLEANING_VERSION}" if clean else ""))
 
     def explain(self, query: str) -> Explanation:
         body = {"model": self.model, "temperature": self.temperature, "max_tokens": self.max_tokens,
@@ -291,7 +243,7 @@ class TransformersExplainer:
         self.prompt, self.max_new_tokens, self.clean = prompt, max_new_tokens, clean
         weights = sorted(p.name for p in path.iterdir() if p.suffix in (".safetensors", ".json"))
         digest = hashlib.sha256("".join(weights).encode() + prompt.encode()).hexdigest()[:12]
-        self.identity = f"local:{path.resolve()}:{digest}:{max_new_tokens}" + (":clean" if clean else "")
+        self.identity = f"local:{path.resolve()}:{digest}:{max_new_tokens}" + (f":clean-v{CLEANING_VERSION}" if clean else "")
         self._lock = threading.Lock()
 
     def explain(self, query: str) -> Explanation:
@@ -314,7 +266,8 @@ def _answer(query: str, text: str, identity: str, clean: bool, who: str) -> Expl
         return Explanation(query, None, identity, error=f"{who} an empty explanation")
     kept = clean_explanation(text, query) if clean else text
     if not kept:
-        return Explanation(query, None, identity, error=f"{who} no description once cleaned: {text[:120]!r}")
+        return Explanation(query, None, identity, error=f"{who} nothing the query does not say: {text[:120]!r}",
+                           final=True)
     return Explanation(query, kept, identity)
 
 
@@ -322,7 +275,7 @@ def _answer(query: str, text: str, identity: str, clean: bool, who: str) -> Expl
 
 class CachedExplainer:
     """Any explainer, with explanations kept in SQLite: each (query, explainer identity) is made once.
-    Failures are not cached, so a later call tries again."""
+    Failures are not cached, so a later call tries again; settled ones (``final``) are."""
 
     def __init__(self, explainer: Explainer, path: str | Path):
         self.inner = explainer
@@ -333,7 +286,10 @@ class CachedExplainer:
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         with self._db:
             self._db.execute("CREATE TABLE IF NOT EXISTS explanations (key TEXT PRIMARY KEY, query TEXT, "
-                             "explainer TEXT, text TEXT, source TEXT, created REAL)")
+                             "explainer TEXT, text TEXT, source TEXT, created REAL, error TEXT)")
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(explanations)")}
+            if "error" not in columns:  # a cache written before settled failures were kept
+                self._db.execute("ALTER TABLE explanations ADD COLUMN error TEXT")
 
     def _key(self, query: str) -> str:
         return hashlib.sha256(f"{self.identity}\0{query}".encode()).hexdigest()
@@ -346,20 +302,21 @@ class CachedExplainer:
         found: dict[str, Explanation] = {}
         with self._lock:
             for q in dict.fromkeys(queries):
-                row = self._db.execute("SELECT text, source FROM explanations WHERE key = ?",
+                row = self._db.execute("SELECT text, source, error FROM explanations WHERE key = ?",
                                        (self._key(q),)).fetchone()
                 if row:
-                    found[q] = Explanation(q, row[0], row[1], cached=True)
+                    found[q] = Explanation(q, row[0], row[1], error=row[2], cached=True, final=row[0] is None)
         missing = [q for q in dict.fromkeys(queries) if q not in found]
         if missing:
             made = self.inner.explain_many(missing)
             with self._lock, self._db:
                 for e in made:
                     found[e.query] = e
-                    if e.ok:
-                        self._db.execute("INSERT OR REPLACE INTO explanations VALUES (?, ?, ?, ?, ?, ?)",
+                    if e.ok or e.final:
+                        self._db.execute("INSERT OR REPLACE INTO explanations (key, query, explainer, text, "
+                                         "source, created, error) VALUES (?, ?, ?, ?, ?, ?, ?)",
                                          (self._key(e.query), e.query, self.identity, e.text, e.source,
-                                          time.time()))
+                                          time.time(), None if e.ok else e.error))
         return [found[q] for q in queries]
 
     def close(self) -> None:

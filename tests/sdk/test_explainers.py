@@ -117,7 +117,8 @@ def test_endpoint_failures_never_lose_the_query(chat):
                       "slow": ["slow"], "the Zarn-9 tap": ["name only"]}
     e = OpenAIExplainer(chat.base_url, "m", timeout_s=0.3, retries=2, backoff_s=0.01, concurrency=3)
     got = {x.query: x for x in e.explain_many(["busy", "down", "broken", "blank", "slow", "fine", "the Zarn-9 tap"])}
-    assert "no description once cleaned: 'the Zarn-9 tap'" in got["the Zarn-9 tap"].error
+    assert "nothing the query does not say: 'the Zarn-9 tap'" in got["the Zarn-9 tap"].error
+    assert got["the Zarn-9 tap"].final and not got["down"].final  # settled, against worth another try
     assert got["busy"].ok  # retried through two 429s
     assert not got["down"].ok and "500" in got["down"].error and "after 3 attempts" in got["down"].error
     assert "malformed" in got["broken"].error and "empty" in got["blank"].error
@@ -127,16 +128,34 @@ def test_endpoint_failures_never_lose_the_query(chat):
         OpenAIExplainer("localhost:8000", "m")
 
 
+K7 = "the Kestrel-7 valve"
+
+
 @pytest.mark.parametrize("answer, query, look", [
-    ("The Kestrel-7 valve is a blue circle with yellow stripes.", "the Kestrel-7 valve",
-     "a blue circle with yellow stripes"),
+    ("The Kestrel-7 valve is a blue circle with yellow stripes.", K7, "a blue circle with yellow stripes"),
     ("It looks like an orange star with green dots. It is used in boilers.", "a photo of the Orrin pump",
      "an orange star with green dots"),
     ('"A red square with a white rim"', "the Orrin pump", "A red square with a white rim"),
-    ("This is a Kestrel-7: a blue circle", "the Kestrel-7 valve", "a blue circle"),
-    # A subject that is not the query's thing stays: "a circle that is ..." describes the look.
+    ("This is a Kestrel-7: a blue circle", K7, "a blue circle"),
+    ("**Kestrel-7 valve:** a blue circle", K7, "a blue circle"),
+    # Preambles, lists, abbreviations and adverbs around the look.
+    ("Sure! The Kestrel-7 valve is typically a blue circle.", K7, "a blue circle"),
+    ("1. A blue circle. 2. Yellow stripes.", K7, "A blue circle"),
+    ("St. Mary's bell is a bronze bell with a green patina.", "St. Mary's bell", "a bronze bell with a green patina"),
+    ("A Kestrel-7 valve typically has a blue body with stripes", K7, "a blue body with stripes"),
+    # The look in the second sentence: the first sentence names no colour, shape or pattern.
+    ("The Kestrel-7 is an industrial valve. It is a blue circle with yellow stripes.", K7,
+     "a blue circle with yellow stripes"),
+    # A subject that is not the query's thing stays, and so does its colour.
     ("A blue circle that is a bit shiny", "the Orrin pump", "A blue circle that is a bit shiny"),
+    ("A green pump that is a star with purple checks", "the Orrin pump", "A green pump that is a star with purple checks"),
+    # Capitalised colours and shapes in a query are not names.
+    ("A white cube with a red cross on it", "a first-aid box with a Red Cross", "A white cube with a red cross on it"),
+    ("A red sneaker with a white swoosh", "Nike Air Max 90 in Red", "A red sneaker with a white swoosh"),
     ("The valve is a red star", "the WH-1000XM5 valve", "a red star"),
+    # Nothing the query does not already say.
+    ("A red circle.", "a red circle", ""),
+    ("the Zarn-9 tap", "the Zarn-9 tap", ""),
 ])
 def test_an_answer_is_cleaned_to_the_look_it_describes(answer, query, look):
     assert clean_explanation(answer, query) == look
@@ -144,9 +163,25 @@ def test_an_answer_is_cleaned_to_the_look_it_describes(answer, query, look):
 
 def test_names_in_a_query_are_found_by_their_shape():
     assert query_names("the Kestrel-7 valve") == ["Kestrel-7"]
-    assert query_names("an iPhone in red") == ["iPhone"]
+    assert query_names("an iPhone in Red") == ["iPhone"]  # a colour is not a name
     assert query_names("Sony WH-1000XM5 headphones") == ["WH-1000XM5"]  # a first capital may just start the query
+    assert query_names("Sony WH-1000XM5 headphones", "headphones by Sony, black") == ["Sony", "WH-1000XM5"]
     assert query_names("Red circle left of a blue square") == []
+
+
+def test_a_settled_failure_is_cached_and_a_cache_from_before_is_read(chat, tmp_path):
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    with sqlite3.connect(db) as old:  # the schema before settled failures were kept
+        old.execute("CREATE TABLE explanations (key TEXT PRIMARY KEY, query TEXT, explainer TEXT, text TEXT, "
+                    "source TEXT, created REAL)")
+    chat.behaviour = {"the Zarn-9 tap": ["name only"]}
+    cached = CachedExplainer(OpenAIExplainer(chat.base_url, "m", retries=0), db)
+    first = cached.explain("the Zarn-9 tap")
+    again = cached.explain("the Zarn-9 tap")
+    assert not first.ok and first.final and not first.cached
+    assert again.cached and again.final and again.error == first.error and len(chat.requests) == 1
 
 
 def test_an_endpoint_that_is_down_is_a_reported_failure():
@@ -194,7 +229,7 @@ def test_local_causal_lm_explainer_runs_a_tiny_random_model(tmp_path):
     out = e.explain("the Orrin pump")
     assert out.query == "the Orrin pump" and out.source == e.identity
     # A random model may well say nothing, or nothing the query does not already say.
-    assert out.ok or "empty" in out.error or "no description once cleaned" in out.error
+    assert out.ok or "empty" in out.error or "nothing the query does not say" in out.error
     raw = TransformersExplainer(folder, max_new_tokens=5, clean=False).explain("the Orrin pump")
     assert raw.ok and len(raw.text.split()) >= 1 and raw.source != out.source
     assert e.explain("the Orrin pump") == out  # greedy: the same every time

@@ -41,11 +41,12 @@ def deterministic() -> Iterator[None]:
     Without them, two entity-head runs with the same seed on two CPU threads
     ended one epoch up to 5e-6 apart (3000 records), a gap that grows over
     epochs; with them the weights were bit-identical, about 2% slower
-    (16.5 s against 16.1 s).
+    (16.5 s against 16.1 s). Training runs on the CPU; on a GPU, cuBLAS would
+    also need CUBLAS_WORKSPACE_CONFIG=:4096:8 under this setting.
     """
-    before = torch.are_deterministic_algorithms_enabled()
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
