@@ -147,19 +147,17 @@ def fit_weights(shortlists: Shortlists, grid: tuple[float, ...], alpha: float = 
         if best_key is None or (r1, mrr) > best_key:
             best_key, best = (r1, mrr), w
     equal = REFERENCE["equal"]
-    best_hits = shortlists.r1_mrr(FusionWeights(*best))[2]
-    equal_hits = shortlists.r1_mrr(FusionWeights(*equal))[2]
-    wins, losses = int((best_hits & ~equal_hits).sum()), int((~best_hits & equal_hits).sum())
+    hits = {"equal": shortlists.r1_mrr(FusionWeights(*equal))[2],
+            "best on grid": shortlists.r1_mrr(FusionWeights(*best))[2]}  # each query's R@1
+    wins = int((hits["best on grid"] & ~hits["equal"]).sum())
+    losses = int((~hits["best on grid"] & hits["equal"]).sum())
     p = sign_test(wins, losses)
     chosen = _normalised(best if p < alpha else equal)
     figures = {name: shortlists.r1_mrr(FusionWeights(*w))[0] for name, w in REFERENCE.items()}
     figures["best on grid"] = best_key[0]
-    by_row = {}
-    for name, w in (("equal", equal), ("best on grid", best)):
-        per_query = shortlists.r1_mrr(FusionWeights(*w))[2]
-        for row in dict.fromkeys(shortlists.rows):
-            mask = np.array([r == row for r in shortlists.rows])
-            by_row.setdefault(row, {})[name] = float(per_query[mask].mean())
+    rows = np.array(shortlists.rows)
+    by_row = {row: {name: float(h[rows == row].mean()) for name, h in hits.items()}
+              for row in dict.fromkeys(shortlists.rows)}
     return chosen, {
         "r1": {k: round(v, 4) for k, v in figures.items()},
         "r1_by_row": {r: {k: round(v, 4) for k, v in d.items()} for r, d in by_row.items()},

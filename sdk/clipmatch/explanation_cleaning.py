@@ -73,14 +73,14 @@ def query_names(query: str, answer: str = "") -> list[str]:
     for i, w in enumerate(_words(query)):
         if w.lower() in _ARTICLES or w.lower() in VISUAL_WORDS:
             continue
-        strong = (any(c.isdigit() for c in w) and any(c.isalpha() for c in w)) or any(c.isupper() for c in w[1:])
-        if strong or (w[0].isupper() and (i > 0 or re.search(rf"[^\s.!?]\s+{re.escape(w)}\b", answer))):
+        if _strong(w) or (w[0].isupper() and (i > 0 or re.search(rf"[^\s.!?]\s+{re.escape(w)}\b", answer))):
             names.append(w)
     return names
 
 
-def _strong(name: str) -> bool:
-    return any(c.isdigit() for c in name) or any(c.isupper() for c in name[1:])
+def _strong(word: str) -> bool:
+    """A name by its shape alone: a digit and a letter ("Kestrel-7"), or a capital inside ("iPhone")."""
+    return (any(c.isdigit() for c in word) and any(c.isalpha() for c in word)) or any(c.isupper() for c in word[1:])
 
 
 def _sentences(text: str) -> list[str]:
@@ -100,16 +100,16 @@ def _sentences(text: str) -> list[str]:
 
 def _clean_sentence(sentence: str, query_words: set[str], names: list[str]) -> str:
     s = _LIST_MARK.sub("", sentence)
+    own = query_words | {n.lower() for n in names}
     lead = _LEAD.match(s)
     if lead:
         subject = {w.lower() for w in _words(lead.group("subject") or "")}
-        allowed = _PRONOUNS | _ARTICLES | query_words | {n.lower() for n in names}
-        if lead.group("contraction") or subject <= allowed:  # about the query's thing, not "a green pump that is"
+        if lead.group("contraction") or subject <= _PRONOUNS | _ARTICLES | own:  # about the query's thing, not "a green pump that is"
             s = s[lead.end():]
     head, colon, tail = s.partition(":")
     if colon and tail.strip():
         label = {w.lower() for w in _words(head)}
-        if len(label) <= 4 and label <= (_LABELS | _ARTICLES | query_words | {n.lower() for n in names}):
+        if len(label) <= 4 and label <= _LABELS | _ARTICLES | own:
             s = tail
     for name in sorted(set(names), key=len, reverse=True):
         flags = re.IGNORECASE if _strong(name) else 0  # "Orrin" only where capitalised: "orrin" may be a word

@@ -84,13 +84,14 @@ class GalleryIndex:
         only and restored after; None leaves FAISS's own setting. ``Searcher`` passes
         1 (see there).
         """
+        queries = np.ascontiguousarray(query_embeds, dtype=np.float32)
         if threads is None:
-            return self.faiss_index.search(np.ascontiguousarray(query_embeds, dtype=np.float32), k)
+            return self.faiss_index.search(queries, k)
         faiss = _faiss()
         before = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(threads)
         try:
-            return self.faiss_index.search(np.ascontiguousarray(query_embeds, dtype=np.float32), k)
+            return self.faiss_index.search(queries, k)
         finally:
             faiss.omp_set_num_threads(before)
 
@@ -142,12 +143,9 @@ class IndexWriter:
             check_model(json.loads((self.out / _META).read_text()), manifest.model_identity, self.out)
         lines = _complete_lines(self.out / _LOG)
         self.log_size = sum(len(line.encode("utf-8")) + 1 for line in lines)
-        _truncate(self.out / _LOG, self.log_size)
         self.done = {json.loads(line)["path"] for line in lines}
         self.count = len(lines)
-        # Cut a torn chunk: the arrays keep exactly the committed rows.
-        _truncate(self.out / _EMB, self.count * self.d * 4)
-        _truncate(self.out / _TOK, self.count * self.p * self.d * 2)
+        self._cut_back()  # a torn chunk from a killed run
         self.failed_before = {json.loads(line)["path"] for line in _complete_lines(self.out / _FAILED)}
 
     def append(self, paths: Sequence[str], encoding: ImageEncoding) -> None:
@@ -177,13 +175,17 @@ class IndexWriter:
             # The commit: these images count as indexed once their lines are complete.
             _append(self.out / _LOG, log)
         except BaseException:
-            _truncate(self.out / _LOG, self.log_size)
-            _truncate(self.out / _EMB, self.count * self.d * 4)
-            _truncate(self.out / _TOK, self.count * self.p * self.d * 2)
+            self._cut_back()
             raise
         self.count += n
         self.log_size += len(log)
         self.done.update(paths)
+
+    def _cut_back(self) -> None:
+        """The log and the arrays cut to exactly the committed rows."""
+        _truncate(self.out / _LOG, self.log_size)
+        _truncate(self.out / _EMB, self.count * self.d * 4)
+        _truncate(self.out / _TOK, self.count * self.p * self.d * 2)
 
     def fail(self, path: str, reason: str) -> None:
         if path not in self.failed_before:

@@ -100,10 +100,11 @@ class Searcher:
             notes.append("the query was longer than the text context and was cut")
         times["encode"] = (time.perf_counter() - t) * 1e3
 
+        weights = self.fusion.for_query(text is not None)
         n = len(self.index.paths)
         if n == 0:
             notes.append(f"the index {self.index.root} holds no images")
-            return SearchResult(query, [], explanation, times, notes, self.fusion.for_query(text is not None))
+            return SearchResult(query, [], explanation, times, notes, weights)
         t = time.perf_counter()
         # One FAISS thread: a search holds one query, and FAISS's idle OpenMP threads
         # spin on the cores onnxruntime rescores on next. Measured with
@@ -122,14 +123,12 @@ class Searcher:
         if heads:
             r = self.matcher.rescore(enc.row(0), cands, explanation=None if text is None else enc.row(1),
                                      heads=heads)
-        if r is not None:
             for name in ("match_prob", "dcsm"):
                 v = getattr(r, name)
                 if v is not None and not np.isfinite(v).all():
                     bad = [int(ids[j]) for j in np.flatnonzero(~np.isfinite(v))[:5]]
                     raise BackendError(f"the {name} score is not finite for index rows {bad} "
                                        f"({self.index.paths[bad[0]]}, ...): the model or its cached tokens are broken")
-        weights = self.fusion.for_query(text is not None)
         fused = fuse(weights, cosine, None if r is None else r.match_prob, None if r is None else r.dcsm)
         times["rescore"] = (time.perf_counter() - t) * 1e3
 
