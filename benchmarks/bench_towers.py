@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+from transformers import CLIPModel
 
 import clipmatch
+from clipmatch_export import tiny
 from clipmatch_export.exporter import ExportOptions, export_model
-from clipmatch_export.tokenizer_build import default_corpus, train_clip_tokenizer
 from clipmatch_export.towers import ImageTower, TextTower
 
 CAPTIONS = [
@@ -49,15 +49,7 @@ CAPTIONS = [
 
 
 def build_vit_b32(root: Path, seed: int = 0) -> Path:
-    model_dir = root / "vit-b32"
-    train_clip_tokenizer(default_corpus(), model_dir)
-    config = CLIPConfig()  # ViT-B/32: 768-wide 12-layer vision, 512-wide 12-layer text, 512-d joint space
-    config.text_config.bos_token_id, config.text_config.eos_token_id, config.text_config.pad_token_id = 0, 1, 1
-    torch.manual_seed(seed)
-    CLIPModel(config).eval().save_pretrained(str(model_dir))
-    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
-        str(model_dir))
-    return model_dir
+    return tiny.build_vit_b32(root / "vit-b32", seed=seed)
 
 
 def timed(fn) -> float:

@@ -60,3 +60,25 @@ def sdk_only_env() -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def other_export_dir(tmp_path_factory) -> Path:
+    """A second tiny model (another seed, so another identity), exported without fp16 graphs."""
+    pytest.importorskip("torch")
+    from clipmatch_export.exporter import ExportOptions, export_model
+    from clipmatch_export.tiny import add_random_heads, build_tiny_clip
+
+    root = tmp_path_factory.mktemp("other")
+    path = build_tiny_clip(root / "model", seed=1)
+    add_random_heads(path, seed=1, num_experts=2, dcsm_text_length=16)
+    return export_model(path, root / "export", ExportOptions(fp16=False)).out_dir
+
+
+@pytest.fixture(scope="session")
+def default_export_dir(tmp_path_factory) -> Path:
+    """The default model (models/default), exported with its fp16 graphs."""
+    pytest.importorskip("torch")
+    from clipmatch_export.exporter import export_model
+
+    return export_model(REPO / "models" / "default", tmp_path_factory.mktemp("default") / "export").out_dir

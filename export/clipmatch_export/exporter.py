@@ -28,7 +28,7 @@ from clipmatch.tokenizer import ClipTokenizer
 
 from .clip_loader import load_clip
 from .heads import load_heads
-from .onnx_export import OPSET, convert_fp16, export_component, run_onnx, run_torch, set_metadata
+from .onnx_export import OPSET, convert_fp16, export_component, pin_io_shapes, run_onnx, run_torch, set_metadata
 from .parity import FP16, FP32, ParityReport, TokenIds, Tolerance, compare, random_inputs
 from .towers import ImageTower, TextTower
 from .versions import versions
@@ -118,6 +118,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, options: ExportOpti
                                  explanation_length=max(1, length - 1), num_functional=num_functional)
 
         path = export_component(module, spec, inputs(2, lengths[0]), out_dir / spec.filename, opset=options.opset)
+        pin_io_shapes(path, spec, sizes)  # before fp16, which keeps the I/O it is given
         set_metadata(path, metadata | {"clipmatch.component": spec.name, "clipmatch.precision": "fp32"})
         components[spec.name] = {"fp32": spec.filename}
         graphs = [("fp32", path, options.tolerance)]

@@ -41,6 +41,49 @@ def export_component(module: nn.Module, spec: ComponentSpec, example: Mapping[st
     return path
 
 
+_ONNX_DTYPE = {"float32": onnx.TensorProto.FLOAT, "int64": onnx.TensorProto.INT64}
+
+
+def pin_io_shapes(path: str | Path, spec: ComponentSpec, sizes: Mapping[str, int]) -> None:
+    """Write every graph input and output with the contract's exact dims.
+
+    The tracer leaves some output widths symbolic (``text_embeds: [batch,
+    Iftext_embeds_dim_1]``): onnxruntime does not mind, but Triton's native
+    onnxruntime backend compares a config's dims with the graph's exactly and
+    refuses ``[-1, 96]`` against ``[-1, -1]``. Fixed sizes become concrete and
+    only the contract's dynamic axes stay symbolic, under the contract's names.
+    Only declared shapes change, never a node, so no number can move (the
+    parity gate still runs on the pinned graph).
+    """
+    model = onnx.load(str(path))
+    declared = {v.name: v for v in list(model.graph.input) + list(model.graph.output)}
+    for t in spec.inputs + spec.outputs:
+        value = declared.get(t.name)
+        if value is None:
+            raise ExportError(f"{path}: the graph has no tensor {t.name!r} ({spec.name} in the contract)")
+        tensor_type = value.type.tensor_type
+        if tensor_type.elem_type != _ONNX_DTYPE[t.dtype]:
+            raise ExportError(f"{path}: {t.name} is ONNX type {tensor_type.elem_type}, the contract says {t.dtype}")
+        shape = t.shape(sizes)
+        if len(tensor_type.shape.dim) != len(shape):
+            raise ExportError(f"{path}: {t.name} has rank {len(tensor_type.shape.dim)}, the contract "
+                              f"says {len(shape)} ({t.dims})")
+        for dim, want, name in zip(tensor_type.shape.dim, shape, t.dims):
+            if dim.HasField("dim_value") and want is not None and dim.dim_value != want:
+                raise ExportError(f"{path}: {t.name} has {dim.dim_value} where the contract says {name}={want}")
+            dim.Clear()
+            if want is None:  # a dynamic axis: keep it symbolic, under the contract's name
+                dim.dim_param = name
+            else:
+                dim.dim_value = want
+    try:
+        # Strict inference fails if a pinned dim contradicts what the nodes compute.
+        onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as exc:
+        raise ExportError(f"{path}: the contract's shapes contradict the graph: {exc}") from exc
+    onnx.save(model, str(path))
+
+
 def set_metadata(path: str | Path, props: Mapping[str, str]) -> None:
     """Write ``props`` into the graph's metadata_props (kept by onnxruntime and Triton)."""
     model = onnx.load(str(path))

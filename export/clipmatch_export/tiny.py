@@ -1,8 +1,10 @@
-"""A tiny random CLIP in Hugging Face format, built on the spot.
+"""Random CLIP checkpoints in Hugging Face format, built on the spot.
 
-It has every file a real checkpoint has (config, safetensors weights, a
-CLIP-style tokenizer, a preprocessor config), so everything that loads a
-real CLIP can be exercised on it in seconds.
+They have every file a real checkpoint has (config, safetensors weights, a
+CLIP-style tokenizer, a preprocessor config), so everything that loads a real
+CLIP can be exercised on them: a tiny one in seconds, and one of ViT-B/32's
+shape for measuring at the size users run (latency does not depend on the
+weights).
 """
 from __future__ import annotations
 
@@ -66,3 +68,23 @@ def add_random_heads(model_dir: str | Path, *, seed: int = 0, **overrides):
     files = inspect_checkpoint(model_dir)  # a missing or non-CLIP folder is refused before anything is sized
     config = heads_config_for(CLIPConfig.from_dict(files.config), **overrides)
     return save_heads(build_heads(config, seed), model_dir)
+
+
+def build_vit_b32(out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random CLIP of ViT-B/32's shape (``CLIPConfig()`` defaults: 768-wide 12-layer vision at
+    224 px in 32 px patches, 512-wide 12-layer text, 512-d joint space)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_clip_tokenizer(default_corpus(), out)
+    config = CLIPConfig()
+    config.text_config.bos_token_id, config.text_config.eos_token_id, config.text_config.pad_token_id = 0, 1, 1
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        model = CLIPModel(config).eval()
+    finally:
+        torch.random.set_rng_state(state)
+    model.save_pretrained(str(out))
+    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        str(out))
+    return out

@@ -273,21 +273,37 @@ def cmd_search(args) -> int:
 
 
 def cmd_repository(args) -> int:
-    from .repository import Batching, RepositoryConfig, write_repository
+    from .repository import Batching, RepositoryConfig, TensorrtAccelerator, write_repository
+    from .repository_check import check_repository
 
-    try:
-        preferred = tuple(int(x) for x in args.preferred_batch_sizes.split(",") if x.strip())
-    except ValueError:
-        raise SystemExit(f"clipmatch: error: --preferred-batch-sizes must be integers, got "
-                         f"{args.preferred_batch_sizes!r}") from None
-    try:
-        batching = Batching(args.max_batch_size, not args.no_dynamic_batching, preferred, args.queue_delay_us)
-        config = RepositoryConfig(args.target, args.precision, instances=args.instances,
-                                  instance_kind=args.instance_kind, default_batching=batching)
-    except ValueError as exc:
-        raise SystemExit(f"clipmatch: error: {exc}") from None
-    names = write_repository(args.export_dir, args.out, config)
-    print(f"wrote {args.target} repository {args.out}: {', '.join(names)}")
+    if args.export_dir is None and not args.check:
+        raise SystemExit("clipmatch: error: give an EXPORT_DIR to write a repository from, or --check to check "
+                         "the repository in --out")
+    if args.export_dir is not None:
+        try:
+            preferred = tuple(int(x) for x in args.preferred_batch_sizes.split(",") if x.strip())
+        except ValueError:
+            raise SystemExit(f"clipmatch: error: --preferred-batch-sizes must be integers, got "
+                             f"{args.preferred_batch_sizes!r}") from None
+        try:
+            batching = Batching(args.max_batch_size, not args.no_dynamic_batching, preferred, args.queue_delay_us,
+                                args.max_queue_size, args.queue_timeout_us)
+            accelerator = None
+            if args.ort_tensorrt:
+                accelerator = TensorrtAccelerator(args.ort_tensorrt.upper(), engine_cache_path=args.ort_tensorrt_cache)
+            config = RepositoryConfig(args.target, args.precision, instances=args.instances,
+                                      instance_kind=args.instance_kind, rescore_instances=args.rescore_instances,
+                                      threads_per_model=args.threads_per_model, host_cores=args.host_cores,
+                                      warmup=not args.no_warmup, tensorrt_accelerator=accelerator,
+                                      default_batching=batching)
+        except ValueError as exc:
+            raise SystemExit(f"clipmatch: error: {exc}") from None
+        names = write_repository(args.export_dir, args.out, config)
+        print(f"wrote {args.target} repository {args.out}: {', '.join(names)}")
+    if args.check:
+        report = check_repository(args.out, gpus=args.gpus)
+        print(report.summary())
+        return 0 if report.ok else 1
     return 0
 
 
@@ -297,14 +313,19 @@ def cmd_serve(args) -> int:
 
     from .server import TritonServer
 
-    server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port,
+    server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, host=args.host,
+                          backend_directory=args.backend_directory, open_admin_api=args.open_admin_api,
                           log_file=args.log_file)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server.start()
-    print(f"Triton is ready, serving {args.repository}\n  HTTP    {server.http_url}\n  gRPC    {server.grpc_url}\n"
-          f"  metrics {server.metrics_url}\n  log     {server.log_file}\nCtrl-C or SIGTERM stops it.", flush=True)
+    bound = "every interface" if server.host in ("0.0.0.0", "::") else server.host
+    admin = ("open to every client" if args.open_admin_api else
+             "closed (shared memory, model loading, logging, trace; --open-admin-api opens them)")
+    print(f"Triton is ready, serving {args.repository} (bound to {bound})\n  HTTP    {server.http_url}\n"
+          f"  gRPC    {server.grpc_url}\n  metrics {server.metrics_url}\n  admin   {admin}\n"
+          f"  log     {server.log_file}\nCtrl-C or SIGTERM stops it.", flush=True)
     try:
         while not stop.wait(0.5):
             if server.process.poll() is not None:
@@ -401,23 +422,48 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", type=Path, default=None, help="also write the weights and figures as JSON")
     s.set_defaults(func=cmd_fit_fusion)
 
-    s = sub.add_parser("repository", help="write a Triton model repository for an export")
-    s.add_argument("export_dir", type=Path)
+    s = sub.add_parser("repository", help="write (and check) a Triton model repository for an export")
+    s.add_argument("export_dir", type=Path, nargs="?", default=None,
+                   help="the export to serve; without it, --check checks the repository in --out")
     s.add_argument("--target", choices=["onnxruntime", "tensorrt", "python"], default="onnxruntime",
-                   help="onnxruntime / tensorrt: NVIDIA's tritonserver container; python: `clipmatch serve` here")
+                   help="onnxruntime / tensorrt: Triton's native backends (NVIDIA's container); "
+                        "python: `clipmatch serve` without a native backend")
     s.add_argument("--out", type=Path, default=Path("triton_models"))
+    s.add_argument("--check", action="store_true",
+                   help="check the repository as the server will (config against graph, instance kinds, "
+                        "ensembles, versions); exit 1 on any problem")
+    s.add_argument("--gpus", type=int, default=None, help="GPUs of the serving host, for --check (default: this "
+                                                          "machine's)")
     s.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="which ONNX graphs to serve")
     s.add_argument("--max-batch-size", type=int, default=64)
     s.add_argument("--preferred-batch-sizes", default="8,16,32", help="comma-separated")
     s.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batching queue delay")
+    s.add_argument("--max-queue-size", type=int, default=256,
+                   help="requests waiting per model before new ones are refused (back-pressure; 0: unbounded)")
+    s.add_argument("--queue-timeout-us", type=int, default=0, help="refuse a request queued this long (0: never)")
     s.add_argument("--no-dynamic-batching", action="store_true")
+    s.add_argument("--no-warmup", action="store_true", help="no warmup requests when a model loads")
     s.add_argument("--instances", type=int, default=1, help="instances of each model")
-    s.add_argument("--instance-kind", choices=["KIND_CPU", "KIND_GPU", "KIND_AUTO"], default=None)
+    s.add_argument("--rescore-instances", type=int, default=None, help="instances of the rescore model")
+    s.add_argument("--instance-kind", choices=["KIND_AUTO", "KIND_CPU", "KIND_GPU"], default=None,
+                   help="default: KIND_AUTO (onnxruntime), KIND_GPU (tensorrt), KIND_CPU (python)")
+    s.add_argument("--threads-per-model", type=int, default=None,
+                   help="onnxruntime intra-op threads per model instance (default: host cores / models)")
+    s.add_argument("--host-cores", type=int, default=None, help="cores of the serving host (default: this machine's)")
+    s.add_argument("--ort-tensorrt", nargs="?", const="fp16", choices=["fp16", "fp32"], default=None,
+                   help="onnxruntime target on GPU hosts: run the graphs through onnxruntime's TensorRT provider")
+    s.add_argument("--ort-tensorrt-cache", default=None, help="engine cache folder on the server for --ort-tensorrt")
     s.set_defaults(func=cmd_repository)
 
     s = sub.add_parser("serve", help="run a real Triton server here (nvidia-pytriton) until Ctrl-C / SIGTERM")
     s.add_argument("--repository", type=Path, default=Path("triton_models"),
-                   help="a python-target repository (clipmatch repository EXPORT --target python)")
+                   help="a model repository (clipmatch repository EXPORT); the python target needs no other backend")
+    s.add_argument("--host", default="127.0.0.1", help="address every endpoint binds (0.0.0.0: every interface)")
+    s.add_argument("--backend-directory", default=None,
+                   help="folder of native backends (onnxruntime/, tensorrt/) built for Triton 2.51; "
+                        "default $CLIPMATCH_TRITON_BACKENDS")
+    s.add_argument("--open-admin-api", action="store_true",
+                   help="open the shared-memory, model-repository, logging and trace APIs to every client")
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
     s.add_argument("--metrics-port", type=int, default=8002)

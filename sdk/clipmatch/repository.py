@@ -23,6 +23,7 @@ and DCSM scores out), a Python-backend model over the batched components.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,7 +34,7 @@ from .errors import ModelNotFoundError
 from .manifest import ExportManifest
 
 __all__ = [
-    "TARGETS", "Batching", "RepositoryConfig", "Ensemble", "ENSEMBLES", "write_repository", "render_dims",
+    "TARGETS", "INSTANCE_KINDS", "Batching", "TensorrtAccelerator", "RepositoryConfig", "Ensemble", "ENSEMBLES", "write_repository", "render_dims",
     "model_config_text", "ensemble_config_text", "IDENTITY_PARAMETERS",
 ]
 
@@ -48,7 +49,7 @@ _PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 
 @dataclass(frozen=True)
 class Batching:
-    """How Triton batches one model's requests."""
+    """How Triton batches and queues one model's requests."""
 
     max_batch_size: int = 64
     dynamic: bool = True
@@ -56,15 +57,44 @@ class Batching:
     # Short: under load, batches form while the instance is busy anyway; an idle
     # server should not hold a lone request (measured: 500 us added 0.5 ms to p50).
     max_queue_delay_us: int = 100
+    # Back-pressure: past this many waiting requests the server refuses new ones
+    # at once ("exceeds maximum queue size"), which clipmatch's client retries
+    # with backoff, instead of queueing without bound (a queued image batch of 64
+    # at 224 px is 38 MB). 0: unbounded, Triton's own default.
+    max_queue_size: int = 256
+    # A request that waited this long in the queue is refused; 0: no limit.
+    queue_timeout_us: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_queue_delay_us < 0:
-            raise ValueError(f"max_queue_delay_us must be >= 0, got {self.max_queue_delay_us}")
+        for name in ("max_queue_delay_us", "max_queue_size", "queue_timeout_us"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         bad = [s for s in self.preferred_sizes if s < 1]
         if bad:
             raise ValueError(f"preferred batch sizes must be >= 1, got {bad}")
+
+
+@dataclass(frozen=True)
+class TensorrtAccelerator:
+    """onnxruntime's TensorRT execution provider inside Triton's onnxruntime backend (GPU
+    instances only): engines are built from the ONNX graph on first load and cached."""
+
+    precision: str = "FP16"  # or "FP32"
+    # Where built engines are kept between server starts (a volume in a container);
+    # None: rebuilt at every load, which takes minutes for the image tower.
+    engine_cache_path: str | None = None
+    max_workspace_bytes: int = 1 << 30
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("FP16", "FP32"):
+            raise ValueError(f"TensorRT precision must be FP16 or FP32, got {self.precision!r}")
+        if self.max_workspace_bytes < 1:
+            raise ValueError(f"max_workspace_bytes must be >= 1, got {self.max_workspace_bytes}")
+
+
+INSTANCE_KINDS = ("KIND_AUTO", "KIND_CPU", "KIND_GPU")
 
 
 @dataclass(frozen=True)
@@ -76,7 +106,20 @@ class RepositoryConfig:
     precision: str = "fp32"
     version: int = 1
     instances: int = 1
-    instance_kind: str | None = None  # None: KIND_CPU for python, KIND_GPU otherwise
+    # None: KIND_AUTO for onnxruntime (a GPU where the server has one, else the CPU:
+    # KIND_GPU alone is refused by a server without a GPU), KIND_GPU for tensorrt
+    # (engines run nowhere else), KIND_CPU for python.
+    instance_kind: str | None = None
+    rescore_instances: int | None = None  # instances of the rescore model; None: ``instances``
+    # onnxruntime intra-op threads per model instance. None: the host's cores shared
+    # out among the served graphs. onnxruntime's own default is every core for every
+    # session, and four models on one host then fight over the same cores.
+    threads_per_model: int | None = None
+    host_cores: int | None = None  # cores of the serving host; None: this machine's
+    # Zero-filled requests at batch 1 and at the max batch size when a model loads, so
+    # the first real request does not pay for memory planning and allocation.
+    warmup: bool = True
+    tensorrt_accelerator: TensorrtAccelerator | None = None  # onnxruntime target only
     default_batching: Batching = Batching()
     batching: Mapping[str, Batching] = field(default_factory=dict)
 
@@ -89,6 +132,18 @@ class RepositoryConfig:
             raise ValueError("the tensorrt target serves the engines as built; precision applies to ONNX graphs")
         if self.version < 1 or self.instances < 1:
             raise ValueError(f"version and instances must be >= 1, got {self.version} and {self.instances}")
+        for name in ("rescore_instances", "threads_per_model", "host_cores"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.instance_kind is not None and self.instance_kind not in INSTANCE_KINDS:
+            raise ValueError(f"instance_kind must be one of {INSTANCE_KINDS}, got {self.instance_kind!r}")
+        if self.target == "tensorrt" and self.instance_kind not in (None, "KIND_GPU"):
+            raise ValueError(f"the tensorrt target runs on GPUs only; instance_kind {self.instance_kind} "
+                             f"cannot serve it")
+        if self.tensorrt_accelerator is not None and self.target != "onnxruntime":
+            raise ValueError("the TensorRT execution accelerator is an onnxruntime backend option; "
+                             f"the {self.target} target cannot use it")
         unknown = set(self.batching) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"batching names unknown components {sorted(unknown)}; known: {sorted(COMPONENTS)}")
@@ -98,7 +153,16 @@ class RepositoryConfig:
 
     @property
     def kind(self) -> str:
-        return self.instance_kind or ("KIND_CPU" if self.target == "python" else "KIND_GPU")
+        if self.instance_kind:
+            return self.instance_kind
+        return {"onnxruntime": "KIND_AUTO", "tensorrt": "KIND_GPU", "python": "KIND_CPU"}[self.target]
+
+    def threads(self, graphs: int) -> int:
+        """Intra-op threads for each instance of ``graphs`` onnxruntime-run models."""
+        if self.threads_per_model:
+            return self.threads_per_model
+        cores = self.host_cores or os.cpu_count() or 1
+        return max(1, cores // (graphs * self.instances))
 
 
 @dataclass(frozen=True)
@@ -123,6 +187,7 @@ RESCORE_INPUTS = (
     TensorSpec("functional_ids", "int64", (1, "text_length")),
     TensorSpec("image_tokens", "float32", ("batch", "num_image_tokens", "embed_dim")),
 )
+RESCORE_CALLS = ("text_tower", "entity_heads", "dcsm")  # the served models it sends its work to
 RESCORE_OUTPUTS = tuple(TensorSpec(n, "float32", ("batch",))
                         for n in ("cosine", "match_prob", "entity_score", "dcsm_logit"))
 _RESCORE_MODEL = Path(__file__).with_name("triton_rescore_model.py")
@@ -170,6 +235,49 @@ def identity_parameters(manifest: ExportManifest) -> dict[str, str]:
             "clipmatch_sizes": json.dumps(manifest.sizes, sort_keys=True)}
 
 
+def _dynamic_batching(batching: Batching) -> str:
+    preferred = [s for s in batching.preferred_sizes if s <= batching.max_batch_size]
+    text = "dynamic_batching {\n"
+    if preferred:
+        text += f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
+    text += f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n"
+    if batching.max_queue_size or batching.queue_timeout_us:
+        text += "  default_queue_policy {\n"
+        if batching.queue_timeout_us:
+            text += (f"    timeout_action: REJECT\n    default_timeout_microseconds: {batching.queue_timeout_us}\n"
+                     "    allow_timeout_override: true\n")
+        if batching.max_queue_size:
+            text += f"    max_queue_size: {batching.max_queue_size}\n"
+        text += "  }\n"
+    return text + "}\n"
+
+
+def warmup_shape(spec: TensorSpec, sizes: Mapping[str, int]) -> list[int]:
+    """A tensor's dims after the batch axis at their largest: text axes at the full context."""
+    longest = {"text_length": sizes["context_length"], "explanation_length": sizes["context_length"]}
+    return [d if isinstance(d, int) else longest.get(d, sizes.get(d, 0)) for d in spec.dims[1:]]
+
+
+def _warmup(component: ComponentSpec, sizes: Mapping[str, int], max_batch: int) -> str:
+    samples = []
+    for batch in sorted({1, max_batch}):
+        inputs = "".join(
+            f'    inputs {{\n      key: "{t.name}"\n      value: {{\n        data_type: {_TYPE[t.dtype]}\n'
+            f'        dims: [ {", ".join(map(str, warmup_shape(t, sizes)))} ]\n        zero_data: true\n'
+            f"      }}\n    }}\n" for t in component.inputs)
+        samples.append(f'  {{\n    name: "batch_{batch}"\n    batch_size: {batch}\n{inputs}  }}')
+    return "model_warmup [\n" + ",\n".join(samples) + "\n]\n"
+
+
+def _accelerator(acc: TensorrtAccelerator) -> str:
+    params = {"precision_mode": acc.precision, "max_workspace_size_bytes": str(acc.max_workspace_bytes)}
+    if acc.engine_cache_path:
+        params |= {"trt_engine_cache_enable": "1", "trt_engine_cache_path": acc.engine_cache_path}
+    body = "".join(f'        parameters {{ key: "{k}" value: {json.dumps(v)} }}\n' for k, v in params.items())
+    return ("optimization {\n  execution_accelerators {\n    gpu_execution_accelerator: [\n"
+            f'      {{\n        name: "tensorrt"\n{body}      }}\n    ]\n  }}\n}}\n')
+
+
 def model_config_text(component: ComponentSpec, manifest: ExportManifest, config: RepositoryConfig) -> str:
     batching = config.batching_for(component.name)
     head = f'name: "{component.name}"\n'
@@ -181,13 +289,16 @@ def model_config_text(component: ComponentSpec, manifest: ExportManifest, config
     text = head + _tensors("input", component.inputs, manifest.sizes) + _tensors("output", component.outputs,
                                                                                   manifest.sizes)
     if batching.dynamic:
-        preferred = [s for s in batching.preferred_sizes if s <= batching.max_batch_size]
-        text += "dynamic_batching {\n"
-        if preferred:
-            text += f"  preferred_batch_size: [ {', '.join(map(str, preferred))} ]\n"
-        text += f"  max_queue_delay_microseconds: {batching.max_queue_delay_us}\n}}\n"
+        text += _dynamic_batching(batching)
     text += _instances_and_version(config.instances, config.kind, config.version)
-    return text + _parameters(identity_parameters(manifest))
+    if config.tensorrt_accelerator is not None:
+        text += _accelerator(config.tensorrt_accelerator)
+    if config.warmup:
+        text += _warmup(component, manifest.sizes, batching.max_batch_size)
+    params = identity_parameters(manifest)
+    if config.target != "tensorrt":  # read by the onnxruntime backend and by triton_python_model.py
+        params["intra_op_thread_count"] = str(config.threads(len(manifest.components)))
+    return text + _parameters(params)
 
 
 def ensemble_config_text(ensemble: Ensemble, manifest: ExportManifest, config: RepositoryConfig) -> str:
@@ -211,7 +322,7 @@ def rescore_config_text(manifest: ExportManifest, config: RepositoryConfig) -> s
     text = f'name: "{RESCORE_NAME}"\nbackend: "python"\nmax_batch_size: 0\n'
     text += _tensors("input", RESCORE_INPUTS, manifest.sizes, batched=False)
     text += _tensors("output", RESCORE_OUTPUTS, manifest.sizes, batched=False)
-    text += _instances_and_version(config.instances, "KIND_CPU", config.version)
+    text += _instances_and_version(config.rescore_instances or config.instances, "KIND_CPU", config.version)
     return text + _parameters({**identity_parameters(manifest), "clipmatch_pair_batch": str(pair_batch)})
 
 
@@ -252,7 +363,7 @@ def write_repository(export_dir: str | Path, out_dir: str | Path, config: Reposi
             shutil.copyfile(_PYTHON_MODEL, version / "model.py")
         (folder / "config.pbtxt").write_text(model_config_text(c, manifest, config))
         names.append(c.name)
-    if {"text_tower", "entity_heads", "dcsm"} <= set(manifest.components):
+    if set(RESCORE_CALLS) <= set(manifest.components):
         folder = _fresh(out / RESCORE_NAME)
         (folder / str(config.version)).mkdir()
         shutil.copyfile(_RESCORE_MODEL, folder / str(config.version) / "model.py")

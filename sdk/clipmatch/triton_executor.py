@@ -5,11 +5,17 @@ that ``Local`` is (tokenizer, preprocessing, broadcasting, result types), with
 each graph call sent to Triton instead. Large calls are split to the served
 model's max batch size and sent several at a time; results come back in order.
 
+The served models' identity is checked at connect and again whenever the
+connection may lead to another server: after any retried call, and after any
+new transport connection (an HTTP socket, a gRPC channel state change), since
+a server restarted between two calls is reached on a new one. A call whose
+answer came over such a connection returns nothing until the server passed
+the check, so rows from another model never reach the caller.
+
 Needs ``tritonclient`` (install extra ``clipmatch[triton]``).
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +27,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .config import DEFAULT_CONFIG, RuntimeConfig
-from .contract import COMPONENTS
+from .contract import COMPONENTS, DCSM, ENTITY_HEADS
 from .errors import BackendError, DependencyError, IncompatibleModelError
 from .executor import validate_feeds
 from .manifest import ExportManifest
@@ -32,11 +38,14 @@ from .results import RescoreResult
 __all__ = ["TritonOptions", "TritonExecutor", "Remote", "connect"]
 
 _TRITON_DTYPE = {"float32": "FP32", "int64": "INT64"}
-# Server answers worth another try: not there yet, restarting, or overloaded.
+# Server answers worth another try: not there yet, restarting, or overloaded. Inference is a
+# pure function of its inputs, so a request the server may or may not have run is safe to resend.
 _RETRYABLE = ("unavailable", "connection refused", "connection reset", "failed to connect", "502", "503",
               "504", "service unavailable", "too many requests", "429", "exceeds the maximum queue",
               "server is not ready", "timed out", "deadline exceeded", "broken pipe", "remote end closed",
-              "socket closed", "is not ready", "no healthy upstream")
+              "socket closed", "connection closed", "is not ready", "no healthy upstream",
+              # a server shutting down unloads its models before it closes its ports
+              "has no available versions")
 
 
 @dataclass(frozen=True)
@@ -85,9 +94,15 @@ class TritonExecutor:
         self._client_module = _import(self.protocol)
         self._client = self._new_client()
         self._pool = ThreadPoolExecutor(max_workers=max(1, options.concurrency), thread_name_prefix="clipmatch")
-        self._clients: dict[int, object] = {}
+        # HTTP clients are gevent-based and must stay on the thread that made them.
+        self._clients: dict[int, object] = {threading.get_ident(): self._client}
         self._lock = threading.Lock()
         self.max_batch: dict[str, int] = {}
+        self.identity_models: tuple[str, ...] = tuple(c for c in COMPONENTS if c in manifest.components)
+        self._connections = 0  # transport connections made so far, by every client of this executor
+        self._verified_at = -1  # the value of _connections when the identity was last confirmed
+        self._verify_lock = threading.Lock()
+        self._watch(self._client)
 
     # -- connection -------------------------------------------------------------
 
@@ -116,15 +131,57 @@ class TritonExecutor:
         key = threading.get_ident()
         with self._lock:
             if key not in self._clients:
-                self._clients[key] = self._new_client()
+                self._clients[key] = client = self._new_client()
+                self._watch(client)
             return self._clients[key]
 
+    def _watch(self, client) -> None:
+        """Count ``client``'s new transport connections: any one of them may reach a restarted server."""
+        def connected(*_):
+            with self._lock:
+                self._connections += 1
+        try:
+            if self.protocol == "grpc":
+                client._channel.subscribe(connected, try_to_connect=False)
+            else:
+                pool = client._client_stub._connection_pool
+                create = pool._create_socket
+
+                def counted():
+                    sock = create()
+                    connected()
+                    return sock
+                pool._create_socket = counted
+        except AttributeError as exc:  # tritonclient's internals moved: fail loudly, not unsafely
+            raise DependencyError(f"this tritonclient version cannot be watched for reconnects ({exc}); "
+                                  "install the tritonclient version clipmatch[triton] names") from exc
+
+    def verify(self, force: bool = False) -> int:
+        """Check the served identity unless it was confirmed since the last new connection.
+        Returns the connection count it holds for."""
+        with self._verify_lock:
+            for _ in range(3):  # the check's own first connection counts too; then it holds still
+                seen = self._connections
+                if seen == self._verified_at and not force:
+                    return seen
+                self.check_identity()
+                self._verified_at, force = seen, False
+            return self._verified_at
+
     def _call(self, what: str, fn):
-        """fn() with retries on answers that mean "try again"; other errors at once."""
+        """fn() with retries, answered only by a server verified to serve this export."""
+        seen = self.verify()
+        result, retried = self._attempts(what, fn)
+        if retried or self._connections != seen:
+            self.verify(force=retried)  # raises IncompatibleModelError: the result is dropped
+        return result
+
+    def _attempts(self, what: str, fn):
+        """(fn(), whether it was retried), retrying answers that mean "try again"; other errors at once."""
         delay = self.options.backoff_s
         for attempt in range(self.options.retries + 1):
             try:
-                return fn()
+                return fn(), attempt > 0
             except Exception as exc:  # noqa: BLE001 - tritonclient raises several unrelated types
                 message = str(exc)
                 retryable = any(s in message.lower() for s in _RETRYABLE) or isinstance(exc, (ConnectionError,
@@ -139,15 +196,15 @@ class TritonExecutor:
 
     def model_config(self, name: str) -> dict:
         def get():
-            cfg = self._client.get_model_config(name, headers=dict(self.options.headers) or None,
+            cfg = self._thread_client().get_model_config(name, headers=dict(self.options.headers) or None,
                                                 **({"as_json": True} if self.protocol == "grpc" else {}))
             return cfg.get("config", cfg)
-        return self._call(f"reading the config of model {name!r}", get)
+        return self._attempts(f"reading the config of model {name!r}", get)[0]
 
     def check_identity(self) -> None:
         """Refuse a server whose models are not this export's, saying what differs."""
         expected = identity_parameters(self.manifest)
-        for name in [c for c in COMPONENTS if c in self.manifest.components]:  # contract order
+        for name in self.identity_models:  # contract order, then rescore when it is used
             cfg = self.model_config(name)
             params = {k: (v.get("string_value") if isinstance(v, dict) else v)
                       for k, v in (cfg.get("parameters") or {}).items()}
@@ -223,7 +280,7 @@ class TritonExecutor:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for c in [self._client, *self._clients.values()]:
+        for c in {id(c): c for c in [self._client, *self._clients.values()]}.values():
             try:
                 c.close()
             except Exception:  # noqa: BLE001 - closing is best effort
@@ -239,14 +296,17 @@ class Remote(Matcher):
         files = ModelFiles.load(export_dir)
         executor = TritonExecutor(url, files.manifest, options, source=str(export_dir))
         try:
-            executor.check_identity()
+            heads = {ENTITY_HEADS.name, DCSM.name} <= set(files.manifest.components)
+            self.served_rescore = heads and executor.serves(RESCORE_NAME)
+            if self.served_rescore:  # then its identity is checked with the components'
+                executor.identity_models += (RESCORE_NAME,)
+            executor.verify(force=True)
             if health_check:
                 executor.health_check()
         except BaseException:
             executor.close()
             raise
         super().__init__(files, executor, config)
-        self.served_rescore = executor.serves("rescore") and set(self.heads) == {"entity", "dcsm"}
 
     def rescore(self, query, candidates, *, explanation=None, heads=None) -> RescoreResult:
         """As ``Matcher.rescore``; with every head wanted and a text query, in one request to

@@ -25,7 +25,10 @@ class TritonPythonModel:
         self.outputs = [t["name"] for t in config["output"]]
         folder = os.path.join(args["model_repository"], args["model_version"])
         options = ort.SessionOptions()
-        threads = os.environ.get("CLIPMATCH_TRITON_THREADS")
+        # The same parameter the native onnxruntime backend reads; the environment
+        # variable (set by `TritonServer(threads_per_model=...)`) overrides it.
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        threads = os.environ.get("CLIPMATCH_TRITON_THREADS") or params.get("intra_op_thread_count")
         if threads:
             options.intra_op_num_threads = int(threads)
         self.session = ort.InferenceSession(os.path.join(folder, "model.onnx"), options,

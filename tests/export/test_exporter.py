@@ -43,6 +43,47 @@ def test_text_graphs_have_dynamic_lengths(tiny_export):
     assert dims == ["batch", "text_length"]
 
 
+def test_every_graph_declares_the_contracts_exact_dims(tiny_export):
+    """Fixed sizes concrete, only the contract's dynamic axes symbolic (Triton's native backend
+    compares them with the config exactly), in the fp32 and the fp16 graphs alike."""
+    sizes = tiny_export.manifest.sizes
+    for name, files in tiny_export.manifest.components.items():
+        spec = COMPONENTS[name]
+        for rel in files.values():
+            graph = onnx.load(str(tiny_export.out_dir / rel)).graph
+            declared = {v.name: [d.dim_param if d.HasField("dim_param") else d.dim_value
+                                 for d in v.type.tensor_type.shape.dim] for v in [*graph.input, *graph.output]}
+            for t in spec.inputs + spec.outputs:
+                want = [d if s is None else s for d, s in zip(t.dims, t.shape(sizes))]
+                assert declared[t.name] == want, (rel, t.name)
+
+
+def test_pinning_the_dims_changes_no_number(tiny_model_dir, tmp_path):
+    """The same trace, with and without its declared dims pinned, gives bit-identical outputs."""
+    from clipmatch.tokenizer import ClipTokenizer
+    from clipmatch_export.clip_loader import load_clip
+    from clipmatch_export.onnx_export import export_component, pin_io_shapes, run_onnx
+    from clipmatch_export.parity import TokenIds, random_inputs
+    from clipmatch_export.towers import TextTower
+
+    clip, _ = load_clip(tiny_model_dir)
+    spec = COMPONENTS["text_tower"]
+    sizes = {"embed_dim": clip.config.projection_dim, "context_length": 77}
+    tok = ClipTokenizer.from_dir(tiny_model_dir, context_length=77)
+    ids = TokenIds(tok.bos_id, tok.eos_id, tok.pad_id, clip.config.text_config.vocab_size)
+    rng = np.random.default_rng(0)
+    path = export_component(TextTower(clip), spec, random_inputs(spec, sizes, 2, rng, ids=ids, text_length=9),
+                            tmp_path / "text_tower.onnx")
+    (tmp_path / "pinned.onnx").write_bytes(path.read_bytes())
+    pin_io_shapes(tmp_path / "pinned.onnx", spec, sizes)
+    assert onnx.load(str(path)).graph.output[0].type.tensor_type.shape.dim[1].dim_param  # symbolic before
+    for batch, length in ((1, 4), (3, 77)):
+        feeds = random_inputs(spec, sizes, batch, rng, ids=ids, text_length=length)
+        a, b = run_onnx(path, spec, feeds), run_onnx(tmp_path / "pinned.onnx", spec, feeds)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+
+
 def test_graph_metadata_carries_identity(tiny_export):
     manifest = ExportManifest.read(tiny_export.out_dir)
     assert manifest == tiny_export.manifest

@@ -48,8 +48,9 @@ def test_every_config_parses_and_names_its_platform_and_file(export_with_engines
         assert served.read_bytes() == source.read_bytes()
         assert (out / name / "1" / "model.py").exists() == (target == "python")
         assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size) == [8, 16, 32]
-        assert cfg.instance_group[0].kind == (model_config_pb2.ModelInstanceGroup.KIND_CPU if target == "python"
-                                              else model_config_pb2.ModelInstanceGroup.KIND_GPU)
+        kinds = model_config_pb2.ModelInstanceGroup
+        assert cfg.instance_group[0].kind == {"python": kinds.KIND_CPU, "onnxruntime": kinds.KIND_AUTO,
+                                              "tensorrt": kinds.KIND_GPU}[target]
         params = {k: v.string_value for k, v in cfg.parameters.items()}
         assert params["clipmatch_model_identity"] == manifest["identity"]["model"]
     rescore = parse(out / "rescore" / "config.pbtxt")

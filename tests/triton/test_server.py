@@ -173,7 +173,7 @@ def test_a_taken_port_is_refused_by_name(repository):
 
 def test_a_restart_mid_run_is_survived_with_nothing_lost_or_duplicated(repository, tiny_export_dir, local):
     ports = (free_port(), free_port(), free_port())
-    first = TritonServer(repository, *ports).start()
+    first = TritonServer(repository, *ports, exit_timeout=3).start()
     results, errors = {}, []
     texts = [f"a red circle number {i}" for i in range(40)]
     with clipmatch.connect(first.http_url, tiny_export_dir, retries=12, backoff_s=0.2, max_backoff_s=1.0) as m:
@@ -189,7 +189,7 @@ def test_a_restart_mid_run_is_survived_with_nothing_lost_or_duplicated(repositor
         worker.start()
         time.sleep(0.8)
         first.stop()
-        second = TritonServer(repository, *ports).start()
+        second = TritonServer(repository, *ports, exit_timeout=3).start()
         try:
             worker.join(120)
         finally:
@@ -215,8 +215,11 @@ def test_serve_command_starts_prints_endpoints_and_stops_on_sigterm(repository):
                 break
         text = "".join(lines)
         assert f"http://127.0.0.1:{http}" in text and f"grpc://127.0.0.1:{grpc}" in text, text
+        assert "bound to 127.0.0.1" in text and "admin   closed" in text, text
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5) as r:
             assert r.status == 200
+        for port in (http, grpc, metrics):  # the kernel's own table of listening sockets
+            assert listening(port) == {"127.0.0.1"}, (port, listening(port))
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
     finally:
@@ -225,6 +228,63 @@ def test_serve_command_starts_prints_endpoints_and_stops_on_sigterm(repository):
     assert proc.returncode == 0 and "stopped (tritonserver exit code 0)" in rest, rest
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2)
+
+
+def listening(port: int) -> set[str]:
+    """Addresses with a socket in LISTEN state on ``port``, from /proc/net/tcp and tcp6."""
+    import ipaddress
+
+    found = set()
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                local, state = line.split()[1], line.split()[3]
+                address, hex_port = local.split(":")
+                if state == "0A" and int(hex_port, 16) == port:
+                    raw = bytes.fromhex(address)
+                    # /proc prints each 32-bit word in host (little-endian) order
+                    raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                    ip = ipaddress.ip_address(raw)
+                    found.add(str(getattr(ip, "ipv4_mapped", None) or ip))  # gRPC listens on ::ffff:127.0.0.1
+    return found
+
+
+def test_the_shared_memory_api_is_closed_by_default(server):
+    import tritonclient.grpc as tg
+    import tritonclient.http as th
+
+    http = th.InferenceServerClient(server.http_url.removeprefix("http://"))
+    grpc = tg.InferenceServerClient(server.grpc_url.removeprefix("grpc://"))
+    try:
+        for client in (http, grpc):
+            with pytest.raises(Exception, match=r"(?i)restricted|permission|clipmatch-admin-key") as caught:
+                client.register_system_shared_memory("probe", "/clipmatch-probe", 16)
+            assert "clipmatch-admin-key" in str(caught.value)
+            with pytest.raises(Exception, match="clipmatch-admin-key"):
+                client.get_system_shared_memory_status()
+            with pytest.raises(Exception, match="clipmatch-admin-key"):
+                client.load_model("image_tower")
+        assert http.is_model_ready("image_tower") and grpc.get_model_config("image_tower")  # the rest stays open
+    finally:
+        http.close()
+        grpc.close()
+
+
+def test_a_repository_the_server_cannot_run_is_refused_with_the_cause(tiny_export_dir, tmp_path):
+    from clipmatch.repository import RepositoryConfig, write_repository
+
+    write_repository(tiny_export_dir, tmp_path / "native", RepositoryConfig(target="onnxruntime"))
+    with pytest.raises(BackendError, match=r"needs the onnxruntime backend for dcsm, entity_heads, image_tower, "
+                                           r"text_tower.*--backend-directory DIR.*onnxruntime/libtriton_onnxruntime.so"):
+        TritonServer(tmp_path / "native", free_port(), free_port(), free_port(), backend_directory=[]).start()
+    with pytest.raises(BackendError, match="is an export folder, not a model repository"):
+        TritonServer(tiny_export_dir, free_port(), free_port(), free_port()).start()
+    write_repository(tiny_export_dir, tmp_path / "py", RepositoryConfig(target="python"))
+    (tmp_path / "py" / "dcsm" / "1" / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(BackendError, match=r"models failed to load:\n  dcsm \(version 1\): .*(?i:protobuf|onnx|load)"
+                       ) as caught:
+        TritonServer(tmp_path / "py", free_port(), free_port(), free_port()).start()
+    assert "+------" not in str(caught.value)  # the cause, not the status table
 
 
 def test_concurrent_callers_share_one_remote(remote, local):

@@ -1,0 +1,175 @@
+"""The onnxruntime repository on Triton's native onnxruntime backend, for real.
+
+Needs the backend built for this server (tritonserver 2.51, backend API 1.19):
+``$CLIPMATCH_TRITON_BACKENDS`` names a folder holding
+``onnxruntime/libtriton_onnxruntime.so``, as ``/opt/tritonserver/backends`` does
+in NVIDIA's container. Without it every test here skips, saying so.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("pytriton")
+
+import clipmatch  # noqa: E402
+from clipmatch.repository import Batching, RepositoryConfig, write_repository  # noqa: E402
+from clipmatch.repository_check import check_repository  # noqa: E402
+from clipmatch.server import BACKENDS_ENV, TritonServer, free_port  # noqa: E402
+
+def _native_backends() -> str | None:
+    for folder in os.environ.get(BACKENDS_ENV, "").split(os.pathsep):
+        if folder and (Path(folder) / "onnxruntime" / "libtriton_onnxruntime.so").is_file():
+            return folder
+    return None
+
+
+pytestmark = pytest.mark.skipif(
+    _native_backends() is None,
+    reason=f"needs Triton's native onnxruntime backend built for tritonserver 2.51: set ${BACKENDS_ENV} to a "
+           "folder holding onnxruntime/libtriton_onnxruntime.so")
+
+TEXTS = ["a red circle left of a blue square", "the Kestrel-7 valve", "no", "a green star and no triangle"]
+
+
+def images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (40 + i % 5, 48, 3), dtype=np.uint8)) for i in range(n)]
+
+
+@pytest.fixture(scope="module", params=["tiny", "default"])
+def model(request, tiny_export_dir, default_export_dir):
+    export = tiny_export_dir if request.param == "tiny" else default_export_dir
+    return export, clipmatch.Local(export, intra_op_threads=1)
+
+
+def _serve(export, out, precision="fp32", **config):
+    names = write_repository(export, out, RepositoryConfig(target="onnxruntime", precision=precision, **config))
+    report = check_repository(out, gpus=0)
+    assert report.ok, report.summary()
+    return names, TritonServer(out, free_port(), free_port(), free_port(), backend_directory=_native_backends())
+
+
+@pytest.fixture(scope="module")
+def native(model, tmp_path_factory):
+    export, local = model
+    names, server = _serve(export, tmp_path_factory.mktemp("repo") / "onnxruntime")
+    with server:
+        yield export, local, names, server
+
+
+def test_every_model_is_ready_on_the_native_backend(native):
+    import tritonclient.http as th
+
+    _, _, names, server = native
+    client = th.InferenceServerClient(server.http_url.removeprefix("http://"))
+    try:
+        assert all(client.is_model_ready(n) for n in names), names
+        platforms = {n: client.get_model_config(n).get("platform") or client.get_model_config(n).get("backend")
+                     for n in names}
+        assert platforms["image_tower"] == "onnxruntime_onnx" and platforms["rescore"] == "python"
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_encode_rescore_and_search_equal_in_process(native, protocol, tmp_path):
+    pytest.importorskip("faiss")
+    from clipmatch.explainers import KnowledgeBaseExplainer
+    from clipmatch.gallery_index import GalleryIndex, build_index
+    from clipmatch.search import Searcher
+
+    export, local, _, server = native
+    url = server.http_url if protocol == "http" else server.grpc_url
+    with clipmatch.connect(url, export) as remote:
+        imgs = images(70)  # over the max batch size: split, sent concurrently, reassembled
+        a, b = local.encode_images(imgs), remote.encode_images(imgs)
+        assert np.abs(a.tokens - b.tokens).max() <= 1e-5 and np.abs(a.embeds - b.embeds).max() <= 1e-5
+        ta, tb = local.encode_texts(TEXTS), remote.encode_texts(TEXTS)
+        assert np.abs(ta.tokens - tb.tokens).max() <= 1e-5 and np.abs(ta.embeds - tb.embeds).max() <= 1e-5
+        assert remote.served_rescore
+        for query, explanation in ((TEXTS[0], None), (TEXTS[1], "a blue circle with yellow stripes")):
+            ra, rb = local.rescore(query, a, explanation=explanation), remote.rescore(query, b, explanation=explanation)
+            for score in ("cosine", "match_prob", "entity_score", "dcsm"):
+                assert np.abs(getattr(ra, score) - getattr(rb, score)).max() <= 1e-5, score
+        paths = []
+        for i, img in enumerate(imgs[:40]):
+            paths.append(str(tmp_path / f"{i}.png"))
+            img.save(paths[-1])
+        build_index(local, paths, tmp_path / "idx", progress=False)
+        index = GalleryIndex.open(tmp_path / "idx")
+        kb = KnowledgeBaseExplainer({"Kestrel-7 valve": "a blue circle with yellow stripes and a white dot"})
+        for query in TEXTS[:2]:
+            want = Searcher(local, index, kb).search(query, top_k=10, shortlist=25)
+            got = Searcher(remote, index, kb).search(query, top_k=10, shortlist=25)
+            assert [h.id for h in got.hits] == [h.id for h in want.hits]
+            for x, y in zip(got.hits, want.hits):
+                assert abs(x.fused - y.fused) <= 1e-4
+                for score in ("cosine", "match_prob", "entity_score", "dcsm"):
+                    assert abs(getattr(x, score) - getattr(y, score)) <= 1e-5, score
+
+
+def test_dynamic_batching_batches_on_the_native_backend(tiny_export_dir, tmp_path):
+    import tritonclient.grpc as tg
+
+    # The native tiny text tower answers faster than requests arrive, so with the default
+    # 100 us delay batches form only under real load; a 5 ms delay makes them certain here.
+    _, server = _serve(tiny_export_dir, tmp_path / "repo", default_batching=Batching(max_queue_delay_us=5000))
+    with server:
+        _count_executions(server, tg)
+
+
+def _count_executions(server, tg):
+    client = tg.InferenceServerClient(server.grpc_url.removeprefix("grpc://"))
+    try:
+        def stats():
+            s = client.get_inference_statistics("text_tower", as_json=True)["model_stats"][0]
+            return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+
+        before = stats()
+        ids = np.array([[0, 1, 2]], dtype=np.int64)  # within every vocabulary
+        done, errors, requests = threading.Semaphore(0), [], 120
+
+        def callback(result, error):
+            if error is not None:
+                errors.append(error)
+            done.release()
+
+        for _ in range(requests):
+            inputs = []
+            for name, x in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
+                i = tg.InferInput(name, list(x.shape), "INT64")
+                i.set_data_from_numpy(x)
+                inputs.append(i)
+            client.async_infer("text_tower", inputs, callback)
+        for _ in range(requests):
+            assert done.acquire(timeout=60)
+        assert not errors, errors[:3]
+        after = stats()
+        assert after[0] - before[0] == requests
+        assert after[1] - before[1] < requests / 4, f"{after[1] - before[1]} executions for {requests} requests"
+    finally:
+        client.close()
+
+
+def test_fp16_repository_loads_and_stays_within_the_fp16_gate(model, tmp_path):
+    from clipmatch_export.parity import FP16
+
+    export, local = model
+    names, server = _serve(export, tmp_path / "fp16", precision="fp16")
+    imgs = images(12, seed=3)
+    with server, clipmatch.connect(server.grpc_url, export) as remote:
+        pairs = [(local.encode_images(imgs).tokens, remote.encode_images(imgs).tokens),
+                 (local.encode_texts(TEXTS).tokens, remote.encode_texts(TEXTS).tokens)]
+        ra, rb = local.rescore(TEXTS[1], imgs, explanation="a blue circle"), remote.rescore(
+            TEXTS[1], imgs, explanation="a blue circle")
+        pairs += [(getattr(ra, s), getattr(rb, s)) for s in ("match_prob", "entity_score", "dcsm")]
+    for want, got in pairs:
+        assert np.all(np.abs(got - want) <= FP16.atol + FP16.rtol * np.abs(want))
+        assert np.abs(got - want).max() > 0  # it really ran in fp16
