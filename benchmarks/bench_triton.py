@@ -17,7 +17,8 @@ untrained heads, since latency does not depend on the weights):
    their rows repeated with noise (as ``bench_search.py`` does). In-process
    runs as a user runs it (onnxruntime's own threads) and at one thread; the
    repositories run their defaults (the host's cores shared out among the
-   models: one thread each here);
+   models: one thread each here), and the native backend once more with one
+   thread pool of every core shared by all models (``native_pool``);
 4. for the first model, dynamic batching on vs off (python target) with 16
    requests in flight, as before.
 
@@ -184,26 +185,29 @@ def bench_model(name: str, args, tmp: Path, backends: str | None, first: bool) -
                                              args.shortlist, warmup=3)
     result["search"]["local_1thread"] = run_searches(Searcher(local1, index, explainer), texts, args.shortlist,
                                                      warmup=3)
-    targets = [("python", RepositoryConfig(target="python"))]
+    # (label, repository, server options, threads per model for the latency figures)
+    runs = [("python", RepositoryConfig(target="python"), {})]
     if backends:
-        targets.insert(0, ("native", RepositoryConfig(target="onnxruntime")))
-    for target, config in targets:
-        for threads in (1, None):
+        native = RepositoryConfig(target="onnxruntime")
+        runs = [("native", native, {}), ("native_pool", native, {"onnxruntime_pool": os.cpu_count()})] + runs
+    for target, config, server_options in runs:
+        # Latency at one thread per model on every path; search at the repository's defaults.
+        for threads in ((None,) if server_options else (1, None)):
             repo = tmp / f"repo_{target}_{threads or 'default'}"
             write_repository(export, repo, replace(config, threads_per_model=threads))
             checked = check_repository(repo)
             assert checked.ok, checked.summary()
             with TritonServer(repo, free_port(), free_port(), free_port(), backend_directory=backends,
-                              exit_timeout=3) as server:
+                              exit_timeout=3, **server_options) as server:
                 remotes = {f"{target}_{p}": clipmatch.connect(u, export)
                            for p, u in (("http", server.http_url), ("grpc", server.grpc_url))}
                 try:
-                    if threads == 1:  # latency: one thread per model on every path
+                    if threads == 1:
                         rows = latency_rows({"local": local1, **remotes}, images, args.calls, args.budget_s)
                         for job, row in rows.items():
                             result["latency"].setdefault(job, {"local": row["local"]}).update(
                                 {k: v for k, v in row.items() if k != "local"})
-                    else:  # search: the repository's defaults
+                    else:
                         for key, m in remotes.items():
                             result["search"][key] = run_searches(Searcher(m, index, explainer), texts,
                                                                  args.shortlist, warmup=3)

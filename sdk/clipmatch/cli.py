@@ -315,7 +315,7 @@ def cmd_serve(args) -> int:
 
     server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, host=args.host,
                           backend_directory=args.backend_directory, open_admin_api=args.open_admin_api,
-                          log_file=args.log_file)
+                          onnxruntime_pool=args.ort_pool, log_file=args.log_file)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -438,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch-size", type=int, default=64)
     s.add_argument("--preferred-batch-sizes", default="8,16,32", help="comma-separated")
     s.add_argument("--queue-delay-us", type=int, default=100, help="dynamic batching queue delay")
-    s.add_argument("--max-queue-size", type=int, default=256,
-                   help="requests waiting per model before new ones are refused (back-pressure; 0: unbounded)")
+    s.add_argument("--max-queue-size", type=int, default=0,
+                   help="requests waiting per model before new ones are refused (back-pressure; 0: unbounded; "
+                        "see the README for tritonserver 2.51's stalls with it)")
     s.add_argument("--queue-timeout-us", type=int, default=0, help="refuse a request queued this long (0: never)")
     s.add_argument("--no-dynamic-batching", action="store_true")
     s.add_argument("--no-warmup", action="store_true", help="no warmup requests when a model loads")
@@ -462,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend-directory", default=None,
                    help="folder of native backends (onnxruntime/, tensorrt/) built for Triton 2.51; "
                         "default $CLIPMATCH_TRITON_BACKENDS")
+    s.add_argument("--ort-pool", type=int, default=None, metavar="THREADS",
+                   help="native onnxruntime backend: one thread pool shared by every model (pays for large models)")
     s.add_argument("--open-admin-api", action="store_true",
                    help="open the shared-memory, model-repository, logging and trace APIs to every client")
     s.add_argument("--http-port", type=int, default=8000)

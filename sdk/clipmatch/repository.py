@@ -57,12 +57,14 @@ class Batching:
     # Short: under load, batches form while the instance is busy anyway; an idle
     # server should not hold a lone request (measured: 500 us added 0.5 ms to p50).
     max_queue_delay_us: int = 100
-    # Back-pressure: past this many waiting requests the server refuses new ones
-    # at once ("exceeds maximum queue size"), which clipmatch's client retries
-    # with backoff, instead of queueing without bound (a queued image batch of 64
-    # at 224 px is 38 MB). 0: unbounded, Triton's own default.
-    max_queue_size: int = 256
-    # A request that waited this long in the queue is refused; 0: no limit.
+    # Back-pressure (Triton's default_queue_policy): past this many waiting requests
+    # the server refuses new ones at once ("exceeds maximum queue size"), which
+    # clipmatch's client retries with backoff. Off by default: on tritonserver 2.51
+    # any queue policy makes the dynamic batcher miss wake-ups, and 5 to 15 of 40
+    # sequential K = 100 rescorings here stalled 500 ms (its idle poll) or more,
+    # with none without it. 0: unbounded.
+    max_queue_size: int = 0
+    # A request that waited this long in the queue is refused; 0: no limit (same caveat).
     queue_timeout_us: int = 0
 
     def __post_init__(self) -> None:

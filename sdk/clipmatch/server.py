@@ -169,7 +169,8 @@ class TritonServer:
                  metrics_port: int = 8002, *, host: str = "127.0.0.1",
                  backend_directory: str | Path | Sequence[str | Path] | None = None, open_admin_api: bool = False,
                  log_file: str | Path | None = None, ready_timeout: float = 120.0, exit_timeout: int = 10,
-                 threads_per_model: int | None = None, extra_args: Sequence[str] = ()):
+                 threads_per_model: int | None = None, onnxruntime_pool: int | None = None,
+                 extra_args: Sequence[str] = ()):
         self.repository = Path(repository).resolve()
         self.ports = ServerPorts(http_port, grpc_port, metrics_port)
         self.host = host  # the address every endpoint binds; 0.0.0.0 for every interface
@@ -182,7 +183,11 @@ class TritonServer:
         # clients' idle keep-alive HTTP connections (Triton's default, 30 s, is mostly
         # spent waiting on the latter).
         self.exit_timeout = exit_timeout
-        self.threads_per_model = threads_per_model
+        self.threads_per_model = threads_per_model  # python target: overrides the configs' thread count
+        # Native onnxruntime backend: one thread pool of this many threads shared by every
+        # model instead of a pool per session (the configs' thread counts go unused). Large
+        # graphs gain from it, small ones lose to its spinning (README, "Deploying to Triton").
+        self.onnxruntime_pool = onnxruntime_pool
         self.log_file = Path(log_file) if log_file else None
         self.extra_args = tuple(extra_args)  # more tritonserver flags, e.g. --grpc-use-ssl=true
         self.process: subprocess.Popen | None = None
@@ -224,6 +229,9 @@ class TritonServer:
             "--strict-readiness=true",
             f"--exit-timeout-secs={self.exit_timeout}",
         ]
+        if self.onnxruntime_pool:
+            command += ["--backend-config=onnxruntime,enable-global-threadpool=true",
+                        f"--backend-config=onnxruntime,intra_op_thread_count={self.onnxruntime_pool}"]
         if not self.open_admin_api:
             (key, value), = self.admin_headers.items()
             for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):  # 2.51's names

@@ -101,7 +101,7 @@ class TritonExecutor:
         self.identity_models: tuple[str, ...] = tuple(c for c in COMPONENTS if c in manifest.components)
         self._connections = 0  # transport connections made so far, by every client of this executor
         self._verified_at = -1  # the value of _connections when the identity was last confirmed
-        self._verify_lock = threading.Lock()
+        self._count_lock, self._verify_lock = threading.Lock(), threading.Lock()
         self._watch(self._client)
 
     # -- connection -------------------------------------------------------------
@@ -137,8 +137,8 @@ class TritonExecutor:
 
     def _watch(self, client) -> None:
         """Count ``client``'s new transport connections: any one of them may reach a restarted server."""
-        def connected(*_):
-            with self._lock:
+        def connected(*_):  # from gRPC's own threads too: a lock of its own, never held around I/O
+            with self._count_lock:
                 self._connections += 1
         try:
             if self.protocol == "grpc":

@@ -173,3 +173,15 @@ def test_fp16_repository_loads_and_stays_within_the_fp16_gate(model, tmp_path):
     for want, got in pairs:
         assert np.all(np.abs(got - want) <= FP16.atol + FP16.rtol * np.abs(want))
         assert np.abs(got - want).max() > 0  # it really ran in fp16
+
+
+def test_one_shared_onnxruntime_pool_serves_the_same_numbers(tiny_export_dir, local, tmp_path):
+    names, server = _serve(tiny_export_dir, tmp_path / "repo")
+    server.onnxruntime_pool = 2
+    with server, clipmatch.connect(server.grpc_url, tiny_export_dir) as remote:
+        imgs = images(9, seed=5)
+        got, want = remote.rescore(TEXTS[0], imgs), local.rescore(TEXTS[0], imgs)
+        for score in ("cosine", "match_prob", "entity_score", "dcsm"):
+            assert np.abs(getattr(got, score) - getattr(want, score)).max() <= 1e-5, score
+        log = server.log_file.read_text()
+    assert "enable-global-threadpool" in log and '"intra_op_thread_count":"2"' in log.replace(" ", "")

@@ -77,13 +77,33 @@ def test_config_matches_the_tensor_contract(export_copy, tmp_path):
 
 
 def test_batching_and_instances_are_set_from_one_place(export_copy, tmp_path):
+    from clipmatch.repository import TensorrtAccelerator
+
     config = RepositoryConfig(target="onnxruntime", precision="fp16", instances=2, instance_kind="KIND_CPU",
-                              default_batching=Batching(16, True, (4, 8, 32), 200),
+                              rescore_instances=3, host_cores=16,
+                              tensorrt_accelerator=TensorrtAccelerator(engine_cache_path="/cache"),
+                              default_batching=Batching(16, True, (4, 8, 32), 200, max_queue_size=32,
+                                                        queue_timeout_us=1000),
                               batching={"dcsm": Batching(8, False)})
     write_repository(export_copy, tmp_path / "repo", config)
     tower = parse(tmp_path / "repo" / "image_tower" / "config.pbtxt")
     assert tower.max_batch_size == 16 and list(tower.dynamic_batching.preferred_batch_size) == [4, 8]
     assert tower.dynamic_batching.max_queue_delay_microseconds == 200 and tower.instance_group[0].count == 2
+    policy = tower.dynamic_batching.default_queue_policy
+    assert (policy.max_queue_size, policy.default_timeout_microseconds) == (32, 1000)
+    assert model_config_pb2.ModelQueuePolicy.TimeoutAction.Name(policy.timeout_action) == "REJECT"
+    assert tower.parameters["intra_op_thread_count"].string_value == "2"  # 16 cores / (4 graphs x 2 instances)
+    assert [(w.batch_size, list(w.inputs["pixel_values"].dims)) for w in tower.model_warmup] == \
+        [(1, [3, 32, 32]), (16, [3, 32, 32])]
+    trt = tower.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert trt.name == "tensorrt" and dict(trt.parameters) == {
+        "precision_mode": "FP16", "max_workspace_size_bytes": str(1 << 30), "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": "/cache"}
+    assert parse(tmp_path / "repo" / "rescore" / "config.pbtxt").instance_group[0].count == 3
+    write_repository(export_copy, tmp_path / "defaults", RepositoryConfig(target="onnxruntime"))
+    # No queue policy by default: with one, tritonserver 2.51's batcher stalls requests (see Batching).
+    assert not parse(tmp_path / "defaults" / "text_tower" / "config.pbtxt").dynamic_batching.HasField(
+        "default_queue_policy")
     dcsm = parse(tmp_path / "repo" / "dcsm" / "config.pbtxt")
     assert dcsm.max_batch_size == 8 and not dcsm.HasField("dynamic_batching")
     manifest = json.loads((export_copy / EXPORT_MANIFEST).read_text())
