@@ -257,7 +257,7 @@ def _dynamic_batching(batching: Batching) -> str:
 def warmup_shape(spec: TensorSpec, sizes: Mapping[str, int]) -> list[int]:
     """A tensor's dims after the batch axis at their largest: text axes at the full context."""
     longest = {"text_length": sizes["context_length"], "explanation_length": sizes["context_length"]}
-    return [d if isinstance(d, int) else longest.get(d, sizes.get(d, 0)) for d in spec.dims[1:]]
+    return [d if isinstance(d, int) else longest.get(d) or sizes[d] for d in spec.dims[1:]]
 
 
 def _warmup(component: ComponentSpec, sizes: Mapping[str, int], max_batch: int) -> str:
