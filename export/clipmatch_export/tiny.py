@@ -50,16 +50,7 @@ def build_tiny_clip(
         vision_config=dict(image_size=image_size, patch_size=patch_size, **sizes),
         projection_dim=projection_dim,
     )
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        model = CLIPModel(config).eval()
-    finally:
-        torch.random.set_rng_state(state)
-    model.save_pretrained(str(out))
-    CLIPImageProcessorPil(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    ).save_pretrained(str(out))
+    _save_random(config, out, seed, image_size)
     return out
 
 
@@ -78,6 +69,12 @@ def build_vit_b32(out_dir: str | Path, *, seed: int = 0) -> Path:
     train_clip_tokenizer(default_corpus(), out)
     config = CLIPConfig()
     config.text_config.bos_token_id, config.text_config.eos_token_id, config.text_config.pad_token_id = 0, 1, 1
+    _save_random(config, out, seed, 224)
+    return out
+
+
+def _save_random(config: CLIPConfig, out: Path, seed: int, image_size: int) -> None:
+    """Weights drawn from ``seed`` (the caller's RNG state is kept), saved with a preprocessor config."""
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -85,6 +82,6 @@ def build_vit_b32(out_dir: str | Path, *, seed: int = 0) -> Path:
     finally:
         torch.random.set_rng_state(state)
     model.save_pretrained(str(out))
-    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
-        str(out))
-    return out
+    CLIPImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+    ).save_pretrained(str(out))

@@ -8,7 +8,6 @@ in NVIDIA's container. Without it every test here skips, saying so.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,8 @@ import clipmatch  # noqa: E402
 from clipmatch.repository import Batching, RepositoryConfig, write_repository  # noqa: E402
 from clipmatch.repository_check import check_repository  # noqa: E402
 from clipmatch.server import BACKENDS_ENV, TritonServer, free_port  # noqa: E402
+
+from .burst import text_tower_burst  # noqa: E402
 
 def _native_backends() -> str | None:
     for folder in os.environ.get(BACKENDS_ENV, "").split(os.pathsep):
@@ -116,46 +117,14 @@ def test_encode_rescore_and_search_equal_in_process(native, protocol, tmp_path):
 
 
 def test_dynamic_batching_batches_on_the_native_backend(tiny_export_dir, tmp_path):
-    import tritonclient.grpc as tg
-
     # The native tiny text tower answers faster than requests arrive, so with the default
     # 100 us delay batches form only under real load; a 5 ms delay makes them certain here.
     _, server = _serve(tiny_export_dir, tmp_path / "repo", default_batching=Batching(max_queue_delay_us=5000))
+    requests = 120
     with server:
-        _count_executions(server, tg)
-
-
-def _count_executions(server, tg):
-    client = tg.InferenceServerClient(server.grpc_url.removeprefix("grpc://"))
-    try:
-        def stats():
-            s = client.get_inference_statistics("text_tower", as_json=True)["model_stats"][0]
-            return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
-
-        before = stats()
-        ids = np.array([[0, 1, 2]], dtype=np.int64)  # within every vocabulary
-        done, errors, requests = threading.Semaphore(0), [], 120
-
-        def callback(result, error):
-            if error is not None:
-                errors.append(error)
-            done.release()
-
-        for _ in range(requests):
-            inputs = []
-            for name, x in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
-                i = tg.InferInput(name, list(x.shape), "INT64")
-                i.set_data_from_numpy(x)
-                inputs.append(i)
-            client.async_infer("text_tower", inputs, callback)
-        for _ in range(requests):
-            assert done.acquire(timeout=60)
-        assert not errors, errors[:3]
-        after = stats()
-        assert after[0] - before[0] == requests
-        assert after[1] - before[1] < requests / 4, f"{after[1] - before[1]} executions for {requests} requests"
-    finally:
-        client.close()
+        inferences, executions = text_tower_burst(server.grpc_url, requests)
+    assert inferences == requests
+    assert executions < requests / 4, f"{executions} executions for {requests} requests"
 
 
 def test_fp16_repository_loads_and_stays_within_the_fp16_gate(model, tmp_path):

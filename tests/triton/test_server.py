@@ -26,6 +26,8 @@ from clipmatch.manifest import EXPORT_MANIFEST  # noqa: E402
 from clipmatch.repository import RepositoryConfig, write_repository  # noqa: E402
 from clipmatch.server import TritonServer, free_port  # noqa: E402
 
+from .burst import inference_stats, text_tower_burst  # noqa: E402
+
 TEXTS = ["a red circle left of a blue square", "a photo of the Kestrel-7 valve", "no", "a cat and no dog"]
 
 
@@ -87,11 +89,6 @@ def test_ensemble_equals_its_member_model(server):
         client.close()
 
 
-def _stats(client, model):
-    s = client.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))  # JSON omits zeros
-
-
 def _metric(server, model, name="nv_inference_count"):
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     m = re.search(rf'^{name}{{[^}}]*model="{model}"[^}}]*}} (\d+)', text, re.M)
@@ -99,37 +96,11 @@ def _metric(server, model, name="nv_inference_count"):
 
 
 def test_dynamic_batching_batches_concurrent_requests_and_metrics_count_them(server):
-    import tritonclient.grpc as tg
-
-    client = tg.InferenceServerClient(server.grpc_url.removeprefix("grpc://"))
-    try:
-        before, metric_before = _stats(client, "text_tower"), _metric(server, "text_tower")
-        ids = np.array([[0, 320, 129, 2]], dtype=np.int64)  # within the tiny vocabulary
-        done, errors = threading.Semaphore(0), []
-
-        def callback(result, error):
-            if error is not None:
-                errors.append(error)
-            done.release()
-
-        requests = 200
-        for _ in range(requests):  # all in flight at once
-            inputs = []
-            for name, x in (("input_ids", ids), ("attention_mask", np.ones_like(ids))):
-                i = tg.InferInput(name, list(x.shape), "INT64")
-                i.set_data_from_numpy(x)
-                inputs.append(i)
-            client.async_infer("text_tower", inputs, callback)
-        for _ in range(requests):
-            assert done.acquire(timeout=60)
-        assert not errors, errors[:3]
-        after = _stats(client, "text_tower")
-        inferences, executions = after[0] - before[0], after[1] - before[1]
-        assert inferences == requests
-        assert executions < requests / 2, f"{executions} executions for {requests} requests: barely batched"
-        assert _metric(server, "text_tower") - metric_before == requests
-    finally:
-        client.close()
+    metric_before, requests = _metric(server, "text_tower"), 200
+    inferences, executions = text_tower_burst(server.grpc_url, requests)
+    assert inferences == requests
+    assert executions < requests / 2, f"{executions} executions for {requests} requests: barely batched"
+    assert _metric(server, "text_tower") - metric_before == requests
 
 
 def test_bad_input_gets_clear_errors_naming_the_endpoint(remote, server):
@@ -379,7 +350,7 @@ def test_served_rescore_answers_in_one_request_and_equals_in_process(remote, ser
     assert remote.served_rescore
     client = tg.InferenceServerClient(server.grpc_url.removeprefix("grpc://"))
     try:
-        before = _stats(client, "rescore")[0]
+        before = inference_stats(client, "rescore")[0]
         gallery = remote.encode_images(images(70, seed=9))  # K over the heads' max batch: chunked inside
         for query, explanation in (("a blue square left of a red circle and no star", None),
                                    ("the Kestrel-7 valve", "a blue circle with yellow stripes and a white dot")):
@@ -389,7 +360,7 @@ def test_served_rescore_answers_in_one_request_and_equals_in_process(remote, ser
                 assert np.abs(getattr(got, score) - getattr(want, score)).max() <= 1e-5, score
             assert (got.explained, got.truncated, got.dcsm_truncated) == \
                 (want.explained, want.truncated, want.dcsm_truncated)
-        assert _stats(client, "rescore")[0] - before == 2
+        assert inference_stats(client, "rescore")[0] - before == 2
     finally:
         client.close()
 
