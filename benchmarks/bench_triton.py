@@ -58,24 +58,11 @@ from clipmatch_export.exporter import ExportOptions, export_model
 from clipmatch_export.synth.entities import knowledge_base
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_search import percentiles, run_searches, synthetic_index, write_gallery  # noqa: E402
+from bench_search import model_dir, percentiles, run_searches, synthetic_index, write_gallery  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["a red circle left of a blue square", "a photo of the Kestrel-7 valve", "a green star and no cross",
          "there is a big yellow triangle", "an image of a purple square above an orange circle",
          "a blue cross with orange dots and a black rim", "a small red star", "a photo of a green circle"]
-
-
-def model_dir(name: str, tmp: Path) -> Path:
-    if name == "default":
-        return ROOT / "models" / "default"
-    if name == "vit-b32":
-        from clipmatch_export.tiny import add_random_heads, build_vit_b32
-
-        path = build_vit_b32(tmp / "vit-b32")
-        add_random_heads(path)
-        return path
-    return Path(name)
 
 
 def time_calls(fn, calls: int, budget_s: float, warmup: int = 5) -> tuple[list[float], float]:

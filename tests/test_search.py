@@ -60,7 +60,9 @@ def test_a_result_carries_every_score_and_what_it_rests_on(local, tiny_index):
     assert all(h.match_prob is not None and h.dcsm is not None for h in r.hits)
     assert r.hits[0].fused >= r.hits[-1].fused
     assert r.notes and "no explanation" in r.notes[0]  # the endpoint is down: searched without, and said so
-    assert set(r.timings_ms) == {"explanation", "encode", "shortlist", "rescore"}
+    assert set(r.timings_ms) == {"explanation", "encode", "shortlist", "token_read", "entity", "dcsm", "fusion",
+                                 "rescore"}
+    assert r.timings_ms["rescore"] >= r.timings_ms["entity"] + r.timings_ms["dcsm"]
     plain = Searcher(local, tiny_index).search("the Orrin pump", top_k=5, shortlist=20, rescore=())
     assert plain.hits[0].match_prob is None and plain.hits[0].cosine >= plain.hits[-1].cosine
 

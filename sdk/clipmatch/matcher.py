@@ -7,6 +7,7 @@ onnxruntime, a Triton client plugs in the server.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -172,10 +173,11 @@ class Matcher:
             raise InputError("no candidates given")
         _check_embeds(cands.embeds, q.embeds.shape[1])
         cosine = cands.embeds @ q.embeds[0]
-        result: dict[str, Any] = {"cosine": cosine, "truncated": bool(q.truncated[0])}
+        result: dict[str, Any] = {"cosine": cosine, "truncated": bool(q.truncated[0]), "timings_ms": {}}
         k = len(cands)
 
         if "entity" in wanted:
+            t = time.perf_counter()
             expl = q if explanation is None else self._one_text(explanation, "explanation")
             out = self._run_pairs(ENTITY_HEADS.name, k, {
                 "image_tokens": cands.tokens,
@@ -185,8 +187,10 @@ class Matcher:
             result.update(match_prob=out["match_prob"], entity_score=out["entity_score"],
                           explained=explanation is not None,
                           explanation_truncated=explanation is not None and bool(expl.truncated[0]))
+            result["timings_ms"]["entity"] = (time.perf_counter() - t) * 1e3
 
         if "dcsm" in wanted:
+            t = time.perf_counter()
             length = self.manifest.sizes["dcsm_text_length"]
             n = int(q.mask[0].sum())
             # The text tower is causal, so its first L outputs are exactly what
@@ -198,6 +202,7 @@ class Matcher:
                 "functional_ids": _fit_axis1(q.functional_ids, length),
             })
             result.update(dcsm=out["dcsm_logit"], dcsm_truncated=n > length)
+            result["timings_ms"]["dcsm"] = (time.perf_counter() - t) * 1e3
         return RescoreResult(**result)
 
     # -- helpers ---------------------------------------------------------------

@@ -1,7 +1,7 @@
 """What the runtime returns. Shapes: N images or texts, P image tokens, T text positions, D joint dims, K candidates."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -84,6 +84,8 @@ class RescoreResult:
     explanation_truncated: the explanation was longer than the text context and was cut.
     dcsm_truncated: the query was longer than DCSM's fixed text length; the map
         saw only its first dcsm_text_length tokens.
+    timings_ms: wall time of each head's work, query side included ("entity", "dcsm"),
+        or of the whole request where one served request ran both ("heads").
     """
 
     cosine: np.ndarray
@@ -94,6 +96,7 @@ class RescoreResult:
     truncated: bool = False
     explanation_truncated: bool = False
     dcsm_truncated: bool = False
+    timings_ms: dict[str, float] = field(default_factory=dict)
 
     def order(self, by: str = "cosine") -> np.ndarray:
         """Candidate indices, best first, by one score.

@@ -114,23 +114,27 @@ class Searcher:
         ids = ids[0][ids[0] >= 0]
         times["shortlist"] = (time.perf_counter() - t) * 1e3
 
-        t = time.perf_counter()
+        t0 = time.perf_counter()
         cands = ImageEncoding(np.asarray(self.index.embeds[ids], np.float32),
                               np.asarray(self.index.tokens[ids], np.float32))
+        times["token_read"] = (time.perf_counter() - t0) * 1e3
         heads = [h for h, name in (("entity", "itm"), ("dcsm", "dcsm")) if name in rescore and h in self.matcher.heads]
         cosine = cands.embeds @ enc.embeds[0]
         r = None
         if heads:
             r = self.matcher.rescore(enc.row(0), cands, explanation=None if text is None else enc.row(1),
                                      heads=heads)
+            times.update(r.timings_ms)
             for name in ("match_prob", "dcsm"):
                 v = getattr(r, name)
                 if v is not None and not np.isfinite(v).all():
                     bad = [int(ids[j]) for j in np.flatnonzero(~np.isfinite(v))[:5]]
                     raise BackendError(f"the {name} score is not finite for index rows {bad} "
                                        f"({self.index.paths[bad[0]]}, ...): the model or its cached tokens are broken")
+        t = time.perf_counter()
         fused = fuse(weights, cosine, None if r is None else r.match_prob, None if r is None else r.dcsm)
-        times["rescore"] = (time.perf_counter() - t) * 1e3
+        times["fusion"] = (time.perf_counter() - t) * 1e3
+        times["rescore"] = (time.perf_counter() - t0) * 1e3  # token read, heads and fusion
 
         order = np.argsort(-fused, kind="stable")[:top_k]
         hits = [SearchHit(rank=i + 1, id=int(ids[j]), path=self.index.paths[int(ids[j])], cosine=float(cosine[j]),

@@ -315,6 +315,7 @@ class Remote(Matcher):
                 or not (explanation is None or isinstance(explanation, str)):
             return super().rescore(query, candidates, explanation=explanation, heads=heads)
         cands = self.encode_images(candidates)
+        t = time.perf_counter()
         q = self._tokens(query)
         e = q if explanation is None else self._tokens(explanation)
         out = self.executor.rescore({
@@ -326,7 +327,8 @@ class Remote(Matcher):
                              dcsm=out["dcsm_logit"], explained=explanation is not None,
                              truncated=bool(q.truncated[0]),
                              explanation_truncated=explanation is not None and bool(e.truncated[0]),
-                             dcsm_truncated=int(q.lengths[0]) > self.manifest.sizes["dcsm_text_length"])
+                             dcsm_truncated=int(q.lengths[0]) > self.manifest.sizes["dcsm_text_length"],
+                             timings_ms={"heads": (time.perf_counter() - t) * 1e3})
 
     def _tokens(self, text: str):
         """One text's token batch, cut to its own length (as ``encode_texts`` sends it)."""
