@@ -172,7 +172,7 @@ def bench_model(name: str, args, tmp: Path, backends: str | None, first: bool) -
                                              args.shortlist, warmup=3)
     result["search"]["local_1thread"] = run_searches(Searcher(local1, index, explainer), texts, args.shortlist,
                                                      warmup=3)
-    # (label, repository, server options, threads per model for the latency figures)
+    # (label, repository, server options); latency is measured on the runs without server options
     runs = [("python", RepositoryConfig(target="python"), {})]
     if backends:
         native = RepositoryConfig(target="onnxruntime")

@@ -315,7 +315,7 @@ def cmd_serve(args) -> int:
 
     server = TritonServer(args.repository, args.http_port, args.grpc_port, args.metrics_port, host=args.host,
                           backend_directory=args.backend_directory, open_admin_api=args.open_admin_api,
-                          onnxruntime_pool=args.ort_pool, log_file=args.log_file)
+                          onnxruntime_pool=args.ort_pool, log_file=args.log_file, die_with_parent=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -69,6 +69,7 @@ class ComponentSpec:
     name: str  # also the ONNX file stem and the Triton model name
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    batched: bool = True  # False: one query (batch 1) against ``batch`` candidates
 
     @property
     def filename(self) -> str:

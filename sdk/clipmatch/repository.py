@@ -35,13 +35,20 @@ from .manifest import ExportManifest
 
 __all__ = [
     "TARGETS", "INSTANCE_KINDS", "Batching", "TensorrtAccelerator", "RepositoryConfig", "Ensemble", "ENSEMBLES", "write_repository", "render_dims",
-    "model_config_text", "ensemble_config_text", "IDENTITY_PARAMETERS",
+    "model_config_text", "ensemble_config_text", "IDENTITY_PARAMETERS", "PLATFORM_BACKENDS", "DEFAULT_MODEL_FILES",
+    "TRITON_TYPES", "config_dims",
 ]
 
 TARGETS = ("onnxruntime", "tensorrt", "python")
 _PLATFORM = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan"}
 _FILE = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.onnx"}
-_TYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
+# Triton's platforms and the backend each runs in (its GetBackendTypeFromPlatform); an
+# ensemble runs in none. And the file each backend loads by default.
+PLATFORM_BACKENDS = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "pytorch_libtorch": "pytorch",
+                     "tensorflow_graphdef": "tensorflow", "tensorflow_savedmodel": "tensorflow", "ensemble": None}
+DEFAULT_MODEL_FILES = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "pytorch": "model.pt",
+                       "python": "model.py"}
+TRITON_TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 # Written into every model's parameters; the client compares them with its own manifest.
 IDENTITY_PARAMETERS = ("clipmatch_model_identity", "clipmatch_tokenizer_identity", "clipmatch_sizes")
 _PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
@@ -202,19 +209,24 @@ ENSEMBLES = (
 
 # -- rendering ----------------------------------------------------------------------------------
 
+def config_dims(spec: TensorSpec, sizes: Mapping[str, int], batched: bool = True) -> list[int]:
+    """A tensor's dims as its config states them: after the batch axis (Triton adds the batch
+    itself), or all of them for a model with max_batch_size 0; dynamic axes are -1. One value
+    per row is ``[1]`` in a batched config (Triton wants a dim; the config reshapes it away)."""
+    dims = [-1 if d is None else d for d in spec.shape(sizes)[1 if batched else 0:]]
+    return dims or [1]
+
+
 def render_dims(spec: TensorSpec, sizes: Mapping[str, int], batched: bool = True) -> str:
-    """Dims after the batch axis (Triton adds the batch itself), or all of them for a model
-    with max_batch_size 0; dynamic axes are -1."""
-    dims = spec.shape(sizes)[1 if batched else 0:]
-    return "[ " + ", ".join("-1" if d is None else str(d) for d in dims) + " ]"
+    return "[ " + ", ".join(map(str, config_dims(spec, sizes, batched))) + " ]"
 
 
 def _tensor(spec: TensorSpec, sizes: Mapping[str, int], batched: bool) -> str:
-    text = f'  {{\n    name: "{spec.name}"\n    data_type: {_TYPE[spec.dtype]}\n'
+    text = f'  {{\n    name: "{spec.name}"\n    data_type: {TRITON_TYPES[spec.dtype]}\n'
+    text += f"    dims: {render_dims(spec, sizes, batched)}\n"
     if batched and len(spec.dims) == 1:
-        # One value per row: Triton wants dims [1], reshaped to the graph's (batch,).
-        return text + "    dims: [ 1 ]\n    reshape: { shape: [ ] }\n  }"
-    return text + f"    dims: {render_dims(spec, sizes, batched)}\n  }}"
+        text += "    reshape: { shape: [ ] }\n"  # to the graph's (batch,)
+    return text + "  }"
 
 
 def _tensors(kind: str, specs: Sequence[TensorSpec], sizes: Mapping[str, int], batched: bool = True) -> str:
@@ -264,7 +276,7 @@ def _warmup(component: ComponentSpec, sizes: Mapping[str, int], max_batch: int) 
     samples = []
     for batch in sorted({1, max_batch}):
         inputs = "".join(
-            f'    inputs {{\n      key: "{t.name}"\n      value: {{\n        data_type: {_TYPE[t.dtype]}\n'
+            f'    inputs {{\n      key: "{t.name}"\n      value: {{\n        data_type: {TRITON_TYPES[t.dtype]}\n'
             f'        dims: [ {", ".join(map(str, warmup_shape(t, sizes)))} ]\n        zero_data: true\n'
             f"      }}\n    }}\n" for t in component.inputs)
         samples.append(f'  {{\n    name: "batch_{batch}"\n    batch_size: {batch}\n{inputs}  }}')

@@ -5,21 +5,26 @@ exactly and refuses a model on any difference; the server refuses KIND_GPU
 instances on a host without a GPU, ensembles whose wiring does not add up, and
 version folders without their file. Each of these shows up only when a model
 fails to load on the production host. ``check_repository`` applies the same
-rules offline, with onnxruntime reading the graphs as the backend does:
+rules offline (those of tritonserver 2.51 and its r24.10 onnxruntime backend),
+with onnxruntime reading the graphs as the backend does:
 
-- every model: its folder name, platform or backend, version folders and model
-  files, instance kinds for the host, dynamic batching and warmup samples;
-- ONNX graphs (onnxruntime and python targets): the backend's own comparison of
-  config and graph: input count, names, dtypes, ranks, every fixed dim, and the
-  batch dim when ``max_batch_size > 0``; inputs may be wider in the graph
-  (``-1``), outputs must match exactly;
+- every model: its folder name, version folders and model files, instance kinds
+  for the host, dynamic batching and warmup samples;
+- onnxruntime models: the backend's comparison of config and graph: input
+  count, names, dtypes, ranks, every fixed dim, and the batch dim when
+  ``max_batch_size > 0``; inputs may be wider in the graph (``-1``), outputs
+  must match exactly;
 - ensembles: every step's model present, every input mapped once and from a
-  tensor that exists by then, dtypes and dims consistent along the way, and the
-  ensemble's max batch no larger than any step's;
+  tensor some input or step produces, dtypes and dims consistent along the
+  way, and the ensemble's max batch no larger than any step's;
 - clipmatch's own models: tensors as the tensor contract says for the sizes the
-  config carries, one model identity across the repository, and the models the
-  ``rescore`` model calls present. This is all a TensorRT engine gets here: an
-  engine cannot be opened without TensorRT and a GPU.
+  config carries (the python target's too: its backend compares nothing itself),
+  one model identity across the repository, and the models ``rescore`` calls.
+  This is all a TensorRT engine gets here: an engine cannot be opened without
+  TensorRT and a GPU.
+
+Models of other backends (pytorch, tensorflow, ...) and configs left to the
+server's auto-complete (no inputs or outputs given) are noted, not judged.
 
     >>> report = check_repository("triton_models", gpus=0)  # doctest: +SKIP
     >>> report.problems  # doctest: +SKIP
@@ -35,16 +40,17 @@ from typing import Iterable, Sequence
 
 from .contract import COMPONENTS, TensorSpec
 from .errors import DependencyError, ModelNotFoundError
-from .repository import ENSEMBLES, RESCORE_CALLS, RESCORE_INPUTS, RESCORE_NAME, RESCORE_OUTPUTS, render_dims
+from .repository import (DEFAULT_MODEL_FILES, ENSEMBLES, PLATFORM_BACKENDS, RESCORE_CALLS, RESCORE_INPUTS,
+                         RESCORE_NAME, RESCORE_OUTPUTS, TRITON_TYPES, config_dims)
 
 __all__ = ["RepositoryCheck", "check_repository", "host_gpus"]
 
-_DEFAULT_FILE = {"onnxruntime": "model.onnx", "tensorrt": "model.plan", "python": "model.py"}
 _ORT_TYPE = {"tensor(float)": "TYPE_FP32", "tensor(float16)": "TYPE_FP16", "tensor(double)": "TYPE_FP64",
-             "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32", "tensor(int16)": "TYPE_INT16",
-             "tensor(int8)": "TYPE_INT8", "tensor(uint8)": "TYPE_UINT8", "tensor(bool)": "TYPE_BOOL",
-             "tensor(string)": "TYPE_STRING"}
-_CONTRACT_TYPE = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
+             "tensor(bfloat16)": "TYPE_BF16", "tensor(int64)": "TYPE_INT64", "tensor(int32)": "TYPE_INT32",
+             "tensor(int16)": "TYPE_INT16", "tensor(int8)": "TYPE_INT8", "tensor(uint64)": "TYPE_UINT64",
+             "tensor(uint32)": "TYPE_UINT32", "tensor(uint16)": "TYPE_UINT16", "tensor(uint8)": "TYPE_UINT8",
+             "tensor(bool)": "TYPE_BOOL", "tensor(string)": "TYPE_STRING"}
+_JUDGED = ("onnxruntime", "tensorrt", "python", "ensemble")  # the backends whose rules are applied here
 
 
 @dataclass
@@ -95,9 +101,9 @@ def check_repository(root: str | Path, *, gpus: int | None = None) -> Repository
     if not configs and not report.problems:
         report.add(str(root), "holds no model folders; write one with `clipmatch repository EXPORT_DIR`")
     for name, cfg in configs.items():
-        report.models[name] = _backend(cfg)
+        report.models[name] = _backend(root / name, cfg)
         _check_model(report, root / name, cfg, configs, gpus, pb)
-    _check_clipmatch(report, configs)
+    _check_clipmatch(report, configs, pb)
     return report
 
 
@@ -111,37 +117,42 @@ def _protobuf():
     return model_config_pb2, text_format
 
 
-def _backend(cfg) -> str:
+def _backend(folder: Path, cfg) -> str:
+    """The backend the server runs the model in; without backend or platform, the one its file
+    calls for, as Triton picks it."""
     if cfg.backend:
         return cfg.backend
-    return {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "ensemble": "ensemble"}.get(
-        cfg.platform, cfg.platform or "?")
+    if cfg.platform:
+        return PLATFORM_BACKENDS.get(cfg.platform) or ("ensemble" if cfg.platform == "ensemble" else cfg.platform)
+    files = {p.name for p in folder.glob("*/*")}
+    return next((b for b, f in DEFAULT_MODEL_FILES.items() if f in files), "?")
 
 
 # -- one model ------------------------------------------------------------------------------
 
 def _check_model(report: RepositoryCheck, folder: Path, cfg, configs, gpus: int, pb) -> None:
-    name, backend = folder.name, _backend(cfg)
+    name, backend = folder.name, _backend(folder, cfg)
     if cfg.name and cfg.name != name:
         report.add(name, f"config.pbtxt names the model {cfg.name!r}; Triton wants the folder's name")
-    if backend not in ("onnxruntime", "tensorrt", "python", "ensemble"):
-        report.add(name, f"unknown platform/backend {backend!r}")
+    if backend not in _JUDGED:
+        report.notes.append(f"{name}: the {backend} backend's rules are not checked here")
         return
     if backend == "ensemble":
-        _check_ensemble(report, name, cfg, configs)
+        _check_ensemble(report, name, cfg, configs, pb)
     else:
         _check_instances(report, name, backend, cfg, gpus, pb)
-    _check_batching(report, name, cfg)
+    _check_batching(report, name, cfg, pb)
+    auto = backend != "ensemble" and not cfg.input and not cfg.output
+    if auto:
+        report.notes.append(f"{name}: no inputs or outputs given, left to the server's auto-complete; not compared")
     for version in _versions(report, folder, cfg):
         if backend == "ensemble":
             continue
-        filename = cfg.default_model_filename or _DEFAULT_FILE[backend]
-        if not (folder / version / filename).is_file():
+        filename = cfg.default_model_filename or DEFAULT_MODEL_FILES[backend]
+        if not (folder / version / filename).exists():  # onnxruntime also loads a model folder
             report.add(name, f"version {version} has no {filename}")
-            continue
-        graph = folder / version / ("model.onnx" if backend == "python" else filename)
-        if backend in ("onnxruntime", "python") and graph.is_file():
-            _check_graph(report, name, cfg, graph)
+        elif backend == "onnxruntime" and not auto:
+            _check_graph(report, name, cfg, folder / version / filename, pb)
     if backend == "tensorrt":
         report.notes.append(f"{name}: the TensorRT engine is not opened here (that needs TensorRT and a GPU); "
                             "its config is checked against the tensor contract")
@@ -169,24 +180,24 @@ def _check_instances(report: RepositoryCheck, name: str, backend: str, cfg, gpus
     kinds = pb.ModelInstanceGroup.Kind
     for group in cfg.instance_group or [None]:
         kind = kinds.Name(group.kind) if group is not None else "KIND_AUTO"
-        if kind == "KIND_GPU":
-            if gpus == 0:
-                report.add(name, "instance_group KIND_GPU, but the host has no GPU; a server refuses to load it "
-                                 "(KIND_AUTO takes a GPU where there is one: --instance-kind KIND_AUTO)")
-            bad = [g for g in group.gpus if g >= gpus]
-            if gpus and bad:
-                report.add(name, f"instance_group names GPUs {bad}; the host has {gpus}")
-        elif kind in ("KIND_CPU", "KIND_AUTO") and backend == "tensorrt" and (kind == "KIND_CPU" or gpus == 0):
+        listed = list(group.gpus) if group is not None else []
+        absent = [g for g in listed if g >= gpus]
+        # KIND_AUTO becomes GPU only where every GPU it names (or any, if none) exists.
+        on_gpu = kind == "KIND_GPU" or (kind == "KIND_AUTO" and gpus > 0 and not absent)
+        if kind == "KIND_GPU" and gpus == 0:
+            report.add(name, "instance_group KIND_GPU, but the host has no GPU; a server refuses to load it "
+                             "(KIND_AUTO takes a GPU where there is one: --instance-kind KIND_AUTO)")
+        elif kind == "KIND_GPU" and absent:
+            report.add(name, f"instance_group names GPUs {absent}; the host has {gpus}")
+        elif kind == "KIND_CPU" and listed:
+            report.add(name, f"instance_group KIND_CPU names GPUs {listed}; a server refuses that")
+        if backend == "tensorrt" and not on_gpu and kind != "KIND_MODEL":
             report.add(name, f"a TensorRT engine runs on a GPU only; instance_group {kind} on a host with "
                              f"{gpus} GPUs cannot serve it")
-        elif kind not in ("KIND_CPU", "KIND_AUTO", "KIND_GPU"):
-            report.add(name, f"instance_group {kind} is not served by the {backend} backend")
 
 
-def _check_batching(report: RepositoryCheck, name: str, cfg) -> None:
-    if cfg.HasField("dynamic_batching"):
-        if cfg.max_batch_size == 0:
-            report.add(name, "dynamic_batching needs max_batch_size > 0")
+def _check_batching(report: RepositoryCheck, name: str, cfg, pb) -> None:
+    if cfg.HasField("dynamic_batching") and cfg.max_batch_size > 0:
         too_big = [s for s in cfg.dynamic_batching.preferred_batch_size if s > cfg.max_batch_size]
         if too_big:
             report.add(name, f"preferred batch sizes {too_big} exceed max_batch_size {cfg.max_batch_size}")
@@ -195,20 +206,31 @@ def _check_batching(report: RepositoryCheck, name: str, cfg) -> None:
         if cfg.max_batch_size and sample.batch_size > cfg.max_batch_size:
             report.add(name, f"warmup {sample.name!r} has batch_size {sample.batch_size} over max_batch_size "
                              f"{cfg.max_batch_size}")
-        missing = sorted(set(by_name) - set(sample.inputs))
+        missing = sorted(n for n, t in by_name.items() if not t.optional and n not in sample.inputs)
         if missing:
             report.add(name, f"warmup {sample.name!r} gives no data for inputs {missing}")
         for key, value in sample.inputs.items():
             t = by_name.get(key)
             if t is None:
-                report.add(name, f"warmup {sample.name!r} feeds {key!r}, which is not an input")
+                if not cfg.HasField("sequence_batching"):  # a sequence model's controls are warmed up too
+                    report.add(name, f"warmup {sample.name!r} feeds {key!r}, which is not an input")
                 continue
             if value.data_type != t.data_type:
-                report.add(name, f"warmup {sample.name!r} feeds {key} as a different dtype than the input")
+                report.add(name, f"warmup {sample.name!r} feeds {key} as {_type_name(pb, value.data_type)}; "
+                                 f"the input is {_type_name(pb, t.data_type)}")
             dims = list(value.dims)
             if -1 in dims or not _match_wildcard(dims, list(t.dims)):
                 report.add(name, f"warmup {sample.name!r} feeds {key} with dims {dims}; the input has "
                                  f"{list(t.dims)} (-1 needs a concrete size here)")
+
+
+def _match_wildcard(a: Sequence[int], b: Sequence[int]) -> bool:
+    """Same rank, and every dim equal or -1 on either side (Triton's CompareDimsWithWildcard)."""
+    return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b))
+
+
+def _type_name(pb, data_type: int) -> str:
+    return pb.DataType.Name(data_type)
 
 
 # -- a graph against its config: the onnxruntime backend's rules ---------------------------------
@@ -225,64 +247,65 @@ def _graph_io(path: Path):
     def info(args):
         return {a.name: (_ORT_TYPE.get(a.type, a.type), [d if isinstance(d, int) else -1 for d in a.shape])
                 for a in args}
-    return info(session.get_inputs()), info(session.get_outputs())
+    # Initializers a request may override count as inputs for the names, not for the count.
+    return info(session.get_inputs()), info(session.get_overridable_initializers()), info(session.get_outputs())
 
 
-def _check_graph(report: RepositoryCheck, name: str, cfg, path: Path) -> None:
+def _check_graph(report: RepositoryCheck, name: str, cfg, path: Path, pb) -> None:
     try:
-        inputs, outputs = _graph_io(path)
+        inputs, overridable, outputs = _graph_io(path)
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
         report.add(name, f"onnxruntime cannot load {path.name}: {exc}")
         return
-    if len(inputs) != len([t for t in cfg.input if not t.optional]):
-        report.add(name, f"the configuration has {len(cfg.input)} inputs, the graph {len(inputs)} "
+    sequence = cfg.sequence_batching
+    expected = (sum(not t.optional for t in cfg.input) + len(cfg.batch_input)
+                + (len(sequence.control_input) + len(sequence.state) if cfg.HasField("sequence_batching") else 0))
+    if len(inputs) != expected:
+        report.add(name, f"the configuration expects {expected} graph inputs, the graph has {len(inputs)} "
                          f"({sorted(inputs)})")
-    for io, graph, exact in ((cfg.input, inputs, False), (cfg.output, outputs, True)):
+    clipmatch = name in COMPONENTS
+    for io, graph, exact in ((cfg.input, {**inputs, **overridable}, False), (cfg.output, outputs, True)):
         for t in io:
+            if not exact and t.optional and cfg.max_batch_size != 0:
+                report.add(name, f"optional input {t.name} is not served to models that batch")
             if t.name not in graph:
                 report.add(name, f"{t.name!r} is in the configuration but not in the graph "
                                  f"(which has {sorted(graph)})")
                 continue
             dtype, shape = graph[t.name]
-            type_name = _type_name(t.data_type)
+            type_name = _type_name(pb, t.data_type)
             if dtype != type_name:
                 report.add(name, f"{t.name}: the configuration says {type_name}, the graph {dtype}")
             dims = list(t.reshape.shape if t.HasField("reshape") else t.dims)
             problem = _compare_dims(shape, dims, cfg.max_batch_size, exact)
             if problem:
-                report.add(name, f"{t.name}: {problem}")
+                hint = (" (a width the graph leaves symbolic, as exports made before clipmatch pinned every "
+                        "fixed size have it: export again)") if exact and clipmatch and len(shape) == len(
+                    dims) + (cfg.max_batch_size > 0) else ""
+                report.add(name, f"{t.name}: {problem}{hint}")
 
 
 def _compare_dims(model: Sequence[int], dims: Sequence[int], max_batch_size: int, exact: bool) -> str | None:
     """The backend's CompareDimsSupported: with batching the graph's first dim must be -1 and
-    the config's dims follow it; a graph dim of -1 accepts any config dim for inputs only."""
+    the config's dims follow it; a graph dim of -1 accepts any config dim for inputs only.
+    A scalar graph tensor is not compared: every config dim must be 1."""
+    if not model:
+        return None if all(d == 1 for d in dims) else f"the graph tensor is a scalar; the configuration says {list(dims)}"
     if max_batch_size > 0:
-        if not model or model[0] != -1:
+        if model[0] != -1:
             return (f"the configuration batches (max_batch_size {max_batch_size}) but the graph's first dim "
                     f"is not a variable batch: graph {list(model)}")
         full = [-1, *dims]
     else:
         full = list(dims)
     if len(model) != len(full) or any((exact or m != -1) and m != d for m, d in zip(model, full)):
-        return (f"the graph has shape {list(model)}, the configuration {full}" +
-                (" (outputs must match exactly: a graph dim left symbolic where the config is fixed is "
-                 "refused; re-export with this clipmatch to write every fixed size)" if exact else ""))
+        return f"the graph has shape {list(model)}, the configuration {full}"
     return None
-
-
-def _type_name(data_type: int) -> str:
-    from tritonclient.grpc import model_config_pb2
-
-    return model_config_pb2.DataType.Name(data_type)
 
 
 # -- ensembles ------------------------------------------------------------------------------------
 
-def _match_wildcard(a: Sequence[int], b: Sequence[int]) -> bool:
-    return len(a) == len(b) and all(x == y or x == -1 or y == -1 for x, y in zip(a, b))
-
-
-def _check_ensemble(report: RepositoryCheck, name: str, cfg, configs) -> None:
+def _check_ensemble(report: RepositoryCheck, name: str, cfg, configs, pb) -> None:
     batching = cfg.max_batch_size > 0
     tensors: dict[str, tuple[int, list[int], bool, str]] = {}  # name -> dtype, dims, batched, from
 
@@ -295,14 +318,16 @@ def _check_ensemble(report: RepositoryCheck, name: str, cfg, configs) -> None:
         full = ([-1] if batched else []) + dims
         full0 = ([-1] if batched0 else []) + dims0
         if dtype0 != dtype:
-            report.add(name, f"tensor {tensor}: dtype {_type_name(dtype0)} from {source0}, "
-                             f"{_type_name(dtype)} from {source}")
+            report.add(name, f"tensor {tensor}: dtype {_type_name(pb, dtype0)} from {source0}, "
+                             f"{_type_name(pb, dtype)} from {source}")
         elif not _match_wildcard(dims0, dims) and not _match_wildcard(full0, full):
             report.add(name, f"tensor {tensor}: shape {full0} from {source0}, {full} from {source}")
 
     for t in cfg.input:
         note(t.name, t.data_type, t.reshape.shape if t.HasField("reshape") else t.dims, batching, "the ensemble")
-    available = {t.name for t in cfg.input}
+    # The server orders the steps by data flow, not by how they are listed.
+    produced = {t.name for t in cfg.input} | {v for step in cfg.ensemble_scheduling.step
+                                              for v in step.output_map.values()}
     for step in cfg.ensemble_scheduling.step:
         model = configs.get(step.model_name)
         if model is None:
@@ -315,8 +340,8 @@ def _check_ensemble(report: RepositoryCheck, name: str, cfg, configs) -> None:
         for key, tensor in step.input_map.items():
             if key not in inputs:
                 report.add(name, f"maps {tensor} to {key!r}, which is not an input of {step.model_name}")
-            elif tensor not in available:
-                report.add(name, f"step {step.model_name} reads {tensor}, which no input or earlier step gives")
+            elif tensor not in produced:
+                report.add(name, f"step {step.model_name} reads {tensor}, which no input or step gives")
             else:
                 t = inputs[key]
                 note(tensor, t.data_type, t.dims, model.max_batch_size > 0, step.model_name)
@@ -330,9 +355,8 @@ def _check_ensemble(report: RepositoryCheck, name: str, cfg, configs) -> None:
                 continue
             t = outputs[key]
             note(tensor, t.data_type, t.dims, model.max_batch_size > 0, step.model_name)
-            available.add(tensor)
     for t in cfg.output:
-        if t.name not in available:
+        if t.name not in produced:
             report.add(name, f"output {t.name} is produced by no step")
         else:
             note(t.name, t.data_type, t.reshape.shape if t.HasField("reshape") else t.dims, batching, "the ensemble")
@@ -340,15 +364,18 @@ def _check_ensemble(report: RepositoryCheck, name: str, cfg, configs) -> None:
 
 # -- clipmatch's own models -----------------------------------------------------------------------
 
-def _check_clipmatch(report: RepositoryCheck, configs) -> None:
+def _check_clipmatch(report: RepositoryCheck, configs, pb) -> None:
     identities: dict[str, list[str]] = {}
     sizes = None
     for name, cfg in configs.items():
         params = {k: v.string_value for k, v in cfg.parameters.items()}
         if "clipmatch_model_identity" in params:
             identities.setdefault(params["clipmatch_model_identity"], []).append(name)
+            if "clipmatch_sizes" not in params:
+                report.add(name, "carries a clipmatch identity but no clipmatch_sizes")
+                continue
             try:
-                sizes = sizes or json.loads(params.get("clipmatch_sizes", ""))
+                sizes = sizes or json.loads(params["clipmatch_sizes"])
             except ValueError:
                 report.add(name, "clipmatch_sizes is not JSON")
     if len(identities) > 1:
@@ -356,7 +383,7 @@ def _check_clipmatch(report: RepositoryCheck, configs) -> None:
         report.add("repository", f"models of different exports are mixed: {groups}")
     if not identities or sizes is None:
         return
-    expected = {c.name: (c.inputs, c.outputs, True) for c in COMPONENTS.values()}
+    expected = {c.name: (c.inputs, c.outputs, c.batched) for c in COMPONENTS.values()}
     expected |= {e.name: (e.inputs, e.outputs, True) for e in ENSEMBLES}
     expected[RESCORE_NAME] = (RESCORE_INPUTS, RESCORE_OUTPUTS, False)
     for name, cfg in configs.items():
@@ -364,7 +391,7 @@ def _check_clipmatch(report: RepositoryCheck, configs) -> None:
             continue
         inputs, outputs, batched = expected[name]
         for kind, served, contract in (("input", cfg.input, inputs), ("output", cfg.output, outputs)):
-            _check_contract(report, name, kind, served, contract, sizes, batched)
+            _check_contract(report, name, kind, served, contract, sizes, batched, pb)
     if RESCORE_NAME in configs:
         absent = [m for m in RESCORE_CALLS if m not in configs]
         if absent:
@@ -372,7 +399,7 @@ def _check_clipmatch(report: RepositoryCheck, configs) -> None:
 
 
 def _check_contract(report: RepositoryCheck, name: str, kind: str, served, contract: Iterable[TensorSpec],
-                    sizes, batched: bool) -> None:
+                    sizes, batched: bool, pb) -> None:
     contract = list(contract)
     if [t.name for t in served] != [t.name for t in contract]:
         report.add(name, f"{kind}s {[t.name for t in served]} differ from the tensor contract's "
@@ -380,13 +407,11 @@ def _check_contract(report: RepositoryCheck, name: str, kind: str, served, contr
         return
     for t, c in zip(served, contract):
         try:
-            want = render_dims(c, sizes, batched)
+            want = config_dims(c, sizes, batched)
         except KeyError as exc:
             report.add(name, f"clipmatch_sizes lacks {exc}")
             return
-        got = "[ " + ", ".join(map(str, t.dims)) + " ]"
-        one_per_row = batched and len(c.dims) == 1
-        if (got != "[ 1 ]") if one_per_row else (got != want):
-            report.add(name, f"{kind} {t.name} has dims {got}; the tensor contract gives {want if not one_per_row else '[ 1 ]'}")
-        if _type_name(t.data_type) != _CONTRACT_TYPE[c.dtype]:
-            report.add(name, f"{kind} {t.name} is {_type_name(t.data_type)}; the tensor contract says {c.dtype}")
+        if list(t.dims) != want:
+            report.add(name, f"{kind} {t.name} has dims {list(t.dims)}; the tensor contract gives {want}")
+        if _type_name(pb, t.data_type) != TRITON_TYPES[c.dtype]:
+            report.add(name, f"{kind} {t.name} is {_type_name(pb, t.data_type)}; the tensor contract says {c.dtype}")

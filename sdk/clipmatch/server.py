@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import BackendError, DependencyError
+from .repository import DEFAULT_MODEL_FILES, PLATFORM_BACKENDS
 
 __all__ = ["TritonServer", "ServerPorts", "free_port", "tritonserver_home", "RESTRICTED_APIS", "BACKENDS_ENV",
            "needed_backends"]
@@ -52,7 +53,6 @@ BACKENDS_ENV = "CLIPMATCH_TRITON_BACKENDS"
 # health, metadata, model configs and statistics stay open: a client needs them.
 RESTRICTED_APIS = ("shared-memory", "model-repository", "logging", "trace")
 ADMIN_HEADER = "clipmatch-admin-key"
-_PLATFORM_BACKEND = {"onnxruntime_onnx": "onnxruntime", "tensorrt_plan": "tensorrt", "ensemble": None}
 
 
 @dataclass(frozen=True)
@@ -69,11 +69,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _port_taken(port: int) -> bool:
-    with socket.socket() as s:
+def _port_taken(port: int, host: str = "0.0.0.0") -> bool:
+    """Whether ``port`` cannot be bound on ``host`` (an IPv4 or IPv6 address)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("0.0.0.0", port))
+            s.bind((host, port))
         except OSError:
             return True
     return False
@@ -114,13 +116,21 @@ def _backends_with_stub(home: Path) -> Path:
 
 
 def needed_backends(repository: Path) -> dict[str, list[str]]:
-    """backend name -> the repository's models that need it (ensembles need none)."""
+    """backend name -> the repository's models that need it. Ensembles need none; a config that
+    names neither (Triton then picks one by the model file) is judged by its file, and one this
+    cannot judge is left to the server."""
     needs: dict[str, list[str]] = {}
     for config in sorted(repository.glob("*/config.pbtxt")):
         text = config.read_text(errors="replace")
-        backend = re.search(r'^\s*backend\s*:\s*"([^"]+)"', text, re.M)
-        platform = re.search(r'^\s*platform\s*:\s*"([^"]+)"', text, re.M)
-        name = backend.group(1) if backend else _PLATFORM_BACKEND.get(platform.group(1) if platform else "", "?")
+        backend = re.search(r"""^\s*backend\s*:\s*["']([^"']+)["']""", text, re.M)
+        platform = re.search(r"""^\s*platform\s*:\s*["']([^"']+)["']""", text, re.M)
+        if backend:
+            name = backend.group(1)
+        elif platform:
+            name = PLATFORM_BACKENDS.get(platform.group(1))
+        else:
+            files = {p.name for p in config.parent.glob("*/*")}
+            name = next((b for b, f in DEFAULT_MODEL_FILES.items() if f in files), None)
         if name:
             needs.setdefault(name, []).append(config.parent.name)
     return needs
@@ -152,11 +162,22 @@ def _compose_backends(python_backends: Path, sources: Sequence[Path]) -> Path:
     return folder
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the server outlives a killed parent
+        pass
+
+
 def _load_failures(log: str) -> list[str]:
     """'model: reason' for every model the server failed to load, from its log."""
     found = []
-    for m in re.finditer(r"failed to load '([^']+)' version (\d+): (.*?)\"?$", log, re.M):
-        line = f"{m.group(1)} (version {m.group(2)}): {m.group(3)}"
+    pattern = r"(?:failed to load(?: model)?|Poll failed for model directory) '([^']+)'(?: version (\d+))?: (.*?)\"?$"
+    for m in re.finditer(pattern, log, re.M):
+        line = f"{m.group(1)}{f' (version {m.group(2)})' if m.group(2) else ''}: {m.group(3)}"
         if line not in found:
             found.append(line)
     return found
@@ -170,7 +191,7 @@ class TritonServer:
                  backend_directory: str | Path | Sequence[str | Path] | None = None, open_admin_api: bool = False,
                  log_file: str | Path | None = None, ready_timeout: float = 120.0, exit_timeout: int = 10,
                  threads_per_model: int | None = None, onnxruntime_pool: int | None = None,
-                 extra_args: Sequence[str] = ()):
+                 die_with_parent: bool = False, extra_args: Sequence[str] = ()):
         self.repository = Path(repository).resolve()
         self.ports = ServerPorts(http_port, grpc_port, metrics_port)
         self.host = host  # the address every endpoint binds; 0.0.0.0 for every interface
@@ -189,6 +210,10 @@ class TritonServer:
         # graphs gain from it, small ones lose to its spinning (README, "Deploying to Triton").
         self.onnxruntime_pool = onnxruntime_pool
         self.log_file = Path(log_file) if log_file else None
+        # Linux: the server gets SIGTERM when the thread that started it dies, even by SIGKILL,
+        # so a killed `clipmatch serve` leaves no server behind. Off by default: a server
+        # started from a worker thread would die with that thread.
+        self.die_with_parent = die_with_parent
         self.extra_args = tuple(extra_args)  # more tritonserver flags, e.g. --grpc-use-ssl=true
         self.process: subprocess.Popen | None = None
         self._log = None
@@ -196,8 +221,9 @@ class TritonServer:
 
     @property
     def client_host(self) -> str:
-        """Where a client on this machine reaches the server."""
-        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        """Where a client on this machine reaches the server, as a URL writes it."""
+        host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        return f"[{host}]" if ":" in host else host
 
     @property
     def http_url(self) -> str:
@@ -275,7 +301,7 @@ class TritonServer:
     def start(self) -> "TritonServer":
         self._check_repository()
         for name, port in (("http", self.ports.http), ("grpc", self.ports.grpc), ("metrics", self.ports.metrics)):
-            if _port_taken(port):
+            if _port_taken(port, self.host or "0.0.0.0"):
                 raise BackendError(f"port {port} ({name}) is already in use; stop what holds it or pass "
                                    f"--{name}-port with a free port")
         home = tritonserver_home()
@@ -289,7 +315,8 @@ class TritonServer:
                 self._log = open(self.log_file, "wb")
             self.process = subprocess.Popen(self.command(home, self._backends), stdout=self._log,
                                             stderr=subprocess.STDOUT, env=self._environment(home),
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            preexec_fn=_die_with_parent if self.die_with_parent else None)
             self._wait_ready()
         except BaseException:
             self.stop()

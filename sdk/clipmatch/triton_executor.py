@@ -5,12 +5,14 @@ that ``Local`` is (tokenizer, preprocessing, broadcasting, result types), with
 each graph call sent to Triton instead. Large calls are split to the served
 model's max batch size and sent several at a time; results come back in order.
 
-The served models' identity is checked at connect and again whenever the
-connection may lead to another server: after any retried call, and after any
-new transport connection (an HTTP socket, a gRPC channel state change), since
-a server restarted between two calls is reached on a new one. A call whose
-answer came over such a connection returns nothing until the server passed
-the check, so rows from another model never reach the caller.
+The served models' identity is checked whenever an answer may come from
+another server than the one last checked: each thread's client is checked on
+its first call, after a call that was retried for anything but overload, and
+after a call that went over a new connection (an HTTP socket the client opened
+for it; a gRPC channel that was not ready when the call began). A server
+restarted between two calls is only reached on a new connection. The answer
+of such a call is returned only once the server passed the check, over the
+same client, so rows from another model never reach the caller.
 
 Needs ``tritonclient`` (install extra ``clipmatch[triton]``).
 """
@@ -46,6 +48,8 @@ _RETRYABLE = ("unavailable", "connection refused", "connection reset", "failed t
               "socket closed", "connection closed", "is not ready", "no healthy upstream",
               # a server shutting down unloads its models before it closes its ports
               "has no available versions")
+# Of those, the answers of a server that is there and busy: retrying them reaches the same server.
+_OVERLOADED = ("too many requests", "429", "exceeds the maximum queue")
 
 
 @dataclass(frozen=True)
@@ -92,17 +96,18 @@ class TritonExecutor:
         self.source = source  # where the manifest came from, for error messages
         self.options = options
         self._client_module = _import(self.protocol)
-        self._client = self._new_client()
-        self._pool = ThreadPoolExecutor(max_workers=max(1, options.concurrency), thread_name_prefix="clipmatch")
-        # HTTP clients are gevent-based and must stay on the thread that made them.
-        self._clients: dict[int, object] = {threading.get_ident(): self._client}
-        self._lock = threading.Lock()
         self.max_batch: dict[str, int] = {}
         self.identity_models: tuple[str, ...] = tuple(c for c in COMPONENTS if c in manifest.components)
-        self._connections = 0  # transport connections made so far, by every client of this executor
-        self._verified_at = -1  # the value of _connections when the identity was last confirmed
-        self._count_lock, self._verify_lock = threading.Lock(), threading.Lock()
-        self._watch(self._client)
+        # One client per thread (HTTP clients are gevent-based and must stay on the thread
+        # that made them), each with what is known of the server it reaches.
+        self._links: dict[int, _Link] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=max(1, options.concurrency), thread_name_prefix="clipmatch")
+        try:
+            self._client = self._link().client
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            raise
 
     # -- connection -------------------------------------------------------------
 
@@ -127,61 +132,43 @@ class TritonExecutor:
             kwargs.update(ssl=True, ssl_context_factory=lambda: ctx, insecure=o.insecure)
         return self._client_module.InferenceServerClient(self.address, **kwargs)
 
-    def _thread_client(self):
+    def _link(self) -> "_Link":
+        """This thread's client and its watch."""
         key = threading.get_ident()
         with self._lock:
-            if key not in self._clients:
-                self._clients[key] = client = self._new_client()
-                self._watch(client)
-            return self._clients[key]
+            link = self._links.get(key)
+        if link is None:
+            link = _Link(self._new_client(), self.protocol)  # watched before it is ever used
+            with self._lock:
+                self._links[key] = link
+        return link
 
-    def _watch(self, client) -> None:
-        """Count ``client``'s new transport connections: any one of them may reach a restarted server."""
-        def connected(*_):  # from gRPC's own threads too: a lock of its own, never held around I/O
-            with self._count_lock:
-                self._connections += 1
-        try:
-            if self.protocol == "grpc":
-                client._channel.subscribe(connected, try_to_connect=False)
-            else:
-                pool = client._client_stub._connection_pool
-                create = pool._create_socket
+    def _thread_client(self):
+        return self._link().client
 
-                def counted():
-                    sock = create()
-                    connected()
-                    return sock
-                pool._create_socket = counted
-        except AttributeError as exc:  # tritonclient's internals moved: fail loudly, not unsafely
-            raise DependencyError(f"this tritonclient version cannot be watched for reconnects ({exc}); "
-                                  "install the tritonclient version clipmatch[triton] names") from exc
-
-    def verify(self, force: bool = False) -> int:
-        """Check the served identity unless it was confirmed since the last new connection.
-        Returns the connection count it holds for."""
-        with self._verify_lock:
-            for _ in range(3):  # the check's own first connection counts too; then it holds still
-                seen = self._connections
-                if seen == self._verified_at and not force:
-                    return seen
-                self.check_identity()
-                self._verified_at, force = seen, False
-            return self._verified_at
+    def verify(self) -> None:
+        """Check the identity of the server this thread's client reaches, now."""
+        link = self._link()
+        self.check_identity(link.client)
+        # Connections the check itself opened reached the server that just passed it.
+        link.verified_at = link.changes
 
     def _call(self, what: str, fn):
-        """fn() with retries, answered only by a server verified to serve this export."""
-        seen = self.verify()
-        result, retried = self._attempts(what, fn)
-        if retried or self._connections != seen:
-            self.verify(force=retried)  # raises IncompatibleModelError: the result is dropped
+        """fn(client) with retries, answered only by a server verified to serve this export."""
+        link = self._link()
+        unchecked = link.unchecked()  # before the call: is it about to open a connection?
+        result, reconnected = self._attempts(what, lambda: fn(link.client))
+        if unchecked or reconnected or link.unchecked():
+            self.verify()  # raises IncompatibleModelError: the answer is dropped
         return result
 
     def _attempts(self, what: str, fn):
-        """(fn(), whether it was retried), retrying answers that mean "try again"; other errors at once."""
-        delay = self.options.backoff_s
+        """(fn(), whether a failure may have moved it to another server), retrying answers that mean
+        "try again"; other errors at once."""
+        delay, moved = self.options.backoff_s, False
         for attempt in range(self.options.retries + 1):
             try:
-                return fn(), attempt > 0
+                return fn(), moved
             except Exception as exc:  # noqa: BLE001 - tritonclient raises several unrelated types
                 message = str(exc)
                 retryable = any(s in message.lower() for s in _RETRYABLE) or isinstance(exc, (ConnectionError,
@@ -191,21 +178,25 @@ class TritonExecutor:
                 if attempt == self.options.retries:
                     raise BackendError(f"{self.url}: {what} failed after {attempt + 1} attempts; the server is "
                                        f"unavailable or overloaded: {message}") from exc
+                # An overloaded server answered, so it is still the one it was; anything else may not be.
+                moved |= not any(s in message.lower() for s in _OVERLOADED)
                 time.sleep(delay)
                 delay = min(delay * 2, self.options.max_backoff_s)
 
-    def model_config(self, name: str) -> dict:
+    def model_config(self, name: str, client=None) -> dict:
+        client = client or self._thread_client()
+
         def get():
-            cfg = self._thread_client().get_model_config(name, headers=dict(self.options.headers) or None,
-                                                **({"as_json": True} if self.protocol == "grpc" else {}))
+            cfg = client.get_model_config(name, headers=dict(self.options.headers) or None,
+                                          **({"as_json": True} if self.protocol == "grpc" else {}))
             return cfg.get("config", cfg)
         return self._attempts(f"reading the config of model {name!r}", get)[0]
 
-    def check_identity(self) -> None:
+    def check_identity(self, client=None) -> None:
         """Refuse a server whose models are not this export's, saying what differs."""
         expected = identity_parameters(self.manifest)
         for name in self.identity_models:  # contract order, then rescore when it is used
-            cfg = self.model_config(name)
+            cfg = self.model_config(name, client)
             params = {k: (v.get("string_value") if isinstance(v, dict) else v)
                       for k, v in (cfg.get("parameters") or {}).items()}
             diffs = [f"{k}: server {params.get(k)!r}, local {v!r}" for k, v in expected.items() if params.get(k) != v]
@@ -226,15 +217,15 @@ class TritonExecutor:
         n = next(iter(feeds.values())).shape[0]
         step = self.max_batch.get(component, n) or n
         chunks = [{k: np.ascontiguousarray(v[s:s + step]) for k, v in feeds.items()} for s in range(0, n, step)]
-        if len(chunks) == 1:  # no pool hop; still this thread's own client (HTTP clients are per thread)
-            parts = [self._infer(component, chunks[0], self._thread_client())]
+        if len(chunks) == 1:  # no pool hop; each thread uses its own client (HTTP clients are per thread)
+            parts = [self._infer(component, chunks[0])]
         else:
-            parts = list(self._pool.map(lambda c: self._infer(component, c, self._thread_client()), chunks))
+            parts = list(self._pool.map(lambda c: self._infer(component, c), chunks))
         return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
-    def _infer(self, component: str, feeds: Mapping[str, np.ndarray], client) -> dict[str, np.ndarray]:
+    def _infer(self, component: str, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = COMPONENTS[component]
-        send = lambda: self._request(client, component, spec.inputs, spec.outputs, feeds)  # noqa: E731
+        send = lambda client: self._request(client, component, spec.inputs, spec.outputs, feeds)  # noqa: E731
         rows = next(iter(feeds.values())).shape[0]
         out = self._call(f"inference on {component} ({rows} rows)", send)
         for t in spec.outputs:
@@ -263,9 +254,8 @@ class TritonExecutor:
     def rescore(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One request to the served ``rescore`` model (see triton_rescore_model.py)."""
         k = feeds["image_tokens"].shape[0]
-        client = self._thread_client()
 
-        def send():
+        def send(client):
             out = self._request(client, RESCORE_NAME, RESCORE_INPUTS, RESCORE_OUTPUTS, feeds)
             return {name: v.reshape(k) for name, v in out.items()}
 
@@ -280,12 +270,54 @@ class TritonExecutor:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        for c in {id(c): c for c in [self._client, *self._clients.values()]}.values():
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
             try:
-                c.close()
+                link.client.close()
             except Exception:  # noqa: BLE001 - closing is best effort
                 pass
-        self._clients.clear()
+
+
+class _Link:
+    """One thread's client, and whether its next answer may come over an unchecked connection."""
+
+    _GRPC_READY = 2  # grpc.ChannelConnectivity.READY
+
+    def __init__(self, client, protocol: str):
+        self.client, self.protocol = client, protocol
+        self.changes = 0  # HTTP: sockets the client opened; gRPC: channel state changes seen
+        self.verified_at = -1  # ``changes`` when the identity was last confirmed
+        try:
+            if protocol == "http":
+                pool = client._client_stub._connection_pool
+                create = pool._create_socket
+
+                def counted():  # runs inside the request that needs the socket: seen before it returns
+                    sock = create()
+                    self.changes += 1
+                    return sock
+                pool._create_socket = counted
+            else:
+                self._state = client._channel._channel.check_connectivity_state
+                # Reported from gRPC's own thread, soon after: a restart takes seconds, so a
+                # channel that reconnected between two calls has said so before the second.
+                client._channel.subscribe(self._changed, try_to_connect=False)
+        except AttributeError as exc:  # the clients' internals moved: fail loudly, not unsafely
+            raise DependencyError(f"this tritonclient/grpcio version cannot be watched for new connections ({exc}); "
+                                  "install the versions clipmatch[triton] names") from exc
+
+    def _changed(self, _state) -> None:
+        self.changes += 1
+
+    def unchecked(self) -> bool:
+        """True when the next answer may come from a server this client has not checked."""
+        if self.verified_at != self.changes:
+            return True
+        # A gRPC channel that is not ready opens a connection in the call itself, which its
+        # state report may not beat. A ready one can only move if the server dies during the
+        # call, which then fails and is retried, and a retry forces the check.
+        return self.protocol == "grpc" and self._state(False) != self._GRPC_READY
 
 
 class Remote(Matcher):
@@ -300,7 +332,7 @@ class Remote(Matcher):
             self.served_rescore = heads and executor.serves(RESCORE_NAME)
             if self.served_rescore:  # then its identity is checked with the components'
                 executor.identity_models += (RESCORE_NAME,)
-            executor.verify(force=True)
+            executor.verify()
             if health_check:
                 executor.health_check()
         except BaseException:

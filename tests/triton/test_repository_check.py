@@ -70,8 +70,8 @@ def test_kind_gpu_is_refused_for_a_cpu_host_and_kind_auto_is_not(tiny_export_dir
     problems = check_repository(tmp_path / "gpu", gpus=0).problems
     assert len(problems) == 4 and all("KIND_GPU, but the host has no GPU" in p for p in problems), problems
     assert check_repository(tmp_path / "gpu", gpus=1).ok
-    write_repository(tiny_export_dir, tmp_path / "trt", RepositoryConfig(target="onnxruntime"))
-    assert check_repository(tmp_path / "trt", gpus=0).ok and check_repository(tmp_path / "trt", gpus=2).ok
+    write_repository(tiny_export_dir, tmp_path / "auto", RepositoryConfig(target="onnxruntime"))
+    assert check_repository(tmp_path / "auto", gpus=0).ok and check_repository(tmp_path / "auto", gpus=2).ok
 
 
 def _edit(path, old, new):
@@ -89,7 +89,7 @@ def _edit(path, old, new):
      "image_tower: pixel_values: the graph has shape [-1, 3, 32, 32], the configuration [-1, 3, 64, 64]"),
     (("encode_texts/config.pbtxt", 'input_map { key: "attention_mask" value: "attention_mask" }',
       'input_map { key: "attention_mask" value: "mask" }'),
-     "encode_texts: step text_tower reads mask, which no input or earlier step gives"),
+     "encode_texts: step text_tower reads mask, which no input or step gives"),
     (("encode_images/config.pbtxt", "max_batch_size: 64", "max_batch_size: 128"),
      "encode_images: max_batch_size 128 exceeds step image_tower's 64"),
     (("entity_heads/config.pbtxt", "versions: [ 1 ]", "versions: [ 2 ]"),
@@ -104,6 +104,24 @@ def test_each_kind_of_mistake_is_named(repo, edit, problem):
     _edit(repo / file, old, new)
     problems = check_repository(repo, gpus=0).problems
     assert any(p.startswith(problem) for p in problems), problems
+
+
+def test_what_triton_accepts_is_not_refused(repo):
+    """Rules the server does not have: ensemble steps in any order, a model of a backend not judged here."""
+    text = (repo / "encode_texts" / "config.pbtxt").read_text()
+    (repo / "two_steps").mkdir()
+    (repo / "two_steps" / "1").mkdir()
+    step = text[text.index("    {\n      model_name"):text.index("\n  ]\n}")]
+    listed_late = step.replace('value: "text_embeds"', 'value: "mid_embeds"', 1)
+    (repo / "two_steps" / "config.pbtxt").write_text(
+        text.replace('name: "encode_texts"', 'name: "two_steps"').replace(step, step + ",\n" + listed_late, 1)
+        .replace('key: "text_embeds" value: "text_embeds"', 'key: "text_embeds" value: "text_embeds"', 1))
+    (repo / "torch_model" / "1").mkdir(parents=True)
+    (repo / "torch_model" / "1" / "model.pt").write_bytes(b"")
+    (repo / "torch_model" / "config.pbtxt").write_text('name: "torch_model"\nplatform: "pytorch_libtorch"\n')
+    report = check_repository(repo, gpus=0)
+    assert report.ok, report.summary()
+    assert any(n.startswith("torch_model: the pytorch backend's rules are not checked") for n in report.notes)
 
 
 def test_missing_files_and_mixed_exports_are_named(repo, other_export_dir, tmp_path):

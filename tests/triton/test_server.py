@@ -114,7 +114,7 @@ def test_bad_input_gets_clear_errors_naming_the_endpoint(remote, server):
     # What a client without clipmatch's checks would send: the server's answer is named, not retried.
     spec_free = remote.executor
     with pytest.raises(BackendError, match=re.escape(spec_free.url) + r".*image_tower.*"):
-        spec_free._infer("image_tower", {"pixel_values": np.zeros((1, 3, 5, 5), np.float32)}, spec_free._client)
+        spec_free._infer("image_tower", {"pixel_values": np.zeros((1, 3, 5, 5), np.float32)})
 
 
 def test_a_server_that_is_down_is_named_after_the_retries(tiny_export_dir):
@@ -171,20 +171,25 @@ def test_a_restart_mid_run_is_survived_with_nothing_lost_or_duplicated(repositor
     assert np.abs(np.stack([results[i] for i in range(len(texts))]) - expected).max() <= 1e-5
 
 
-def test_serve_command_starts_prints_endpoints_and_stops_on_sigterm(repository):
-    http, grpc, metrics = free_port(), free_port(), free_port()
+def start_serve(repository):
+    """`clipmatch serve` in a subprocess, read up to its ready message: (process, its output, ports)."""
+    ports = (free_port(), free_port(), free_port())
     proc = subprocess.Popen([sys.executable, "-m", "clipmatch.cli", "serve", "--repository", str(repository),
-                             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                             "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+                             "--metrics-port", str(ports[2])],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
-    lines = []
+    lines, deadline = [], time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "Ctrl-C" in line or not line:
+            break
+    return proc, "".join(lines), ports
+
+
+def test_serve_command_starts_prints_endpoints_and_stops_on_sigterm(repository):
+    proc, text, (http, grpc, metrics) = start_serve(repository)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            lines.append(line)
-            if "Ctrl-C" in line or not line:
-                break
-        text = "".join(lines)
         assert f"http://127.0.0.1:{http}" in text and f"grpc://127.0.0.1:{grpc}" in text, text
         assert "bound to 127.0.0.1" in text and "admin   closed" in text, text
         with urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=5) as r:
@@ -199,6 +204,21 @@ def test_serve_command_starts_prints_endpoints_and_stops_on_sigterm(repository):
     assert proc.returncode == 0 and "stopped (tritonserver exit code 0)" in rest, rest
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/health/ready", timeout=2)
+
+
+def test_a_killed_serve_command_leaves_no_server_behind(repository):
+    proc, text, (http, _, _) = start_serve(repository)
+    try:
+        assert "Ctrl-C" in text, text
+        proc.kill()  # SIGKILL: no handler runs, the server must still go
+        proc.wait(10)
+        deadline = time.monotonic() + 30
+        while listening(http) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not listening(http), "tritonserver outlived the killed `clipmatch serve`"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def listening(port: int) -> set[str]:
@@ -252,7 +272,7 @@ def test_a_repository_the_server_cannot_run_is_refused_with_the_cause(tiny_expor
         TritonServer(tiny_export_dir, free_port(), free_port(), free_port()).start()
     write_repository(tiny_export_dir, tmp_path / "py", RepositoryConfig(target="python"))
     (tmp_path / "py" / "dcsm" / "1" / "model.onnx").write_bytes(b"not a graph")
-    with pytest.raises(BackendError, match=r"models failed to load:\n  dcsm \(version 1\): .*(?i:protobuf|onnx|load)"
+    with pytest.raises(BackendError, match=r"models failed to load:\n  dcsm \(version 1\): .*(?i:protobuf parsing failed|invalid protobuf)"
                        ) as caught:
         TritonServer(tmp_path / "py", free_port(), free_port(), free_port()).start()
     assert "+------" not in str(caught.value)  # the cause, not the status table
