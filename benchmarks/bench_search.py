@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -88,13 +89,15 @@ def synthetic_index(matcher, real: GalleryIndex, size: int, out: Path, seed: int
     """A ``size``-image index of the real rows repeated, embeddings jittered and renormalised; build seconds."""
     rng = np.random.default_rng(seed)
     embeds, tokens = np.asarray(real.embeds), np.asarray(real.tokens)
+    experts = None if real.vision_experts is None else np.asarray(real.vision_experts)
     t0 = time.perf_counter()
     writer = IndexWriter(out, matcher.manifest)
     for start in range(0, size, chunk):
         rows = np.arange(start, min(size, start + chunk)) % len(embeds)
         e = embeds[rows] + 0.02 * rng.standard_normal((len(rows), embeds.shape[1])).astype(np.float32)
         e /= np.linalg.norm(e, axis=1, keepdims=True)
-        writer.append([f"synthetic/{start + i:07d}" for i in range(len(rows))], ImageEncoding(e, tokens[rows]))
+        writer.append([f"synthetic/{start + i:07d}" for i in range(len(rows))],
+                      ImageEncoding(e, tokens[rows], None if experts is None else experts[rows]))
     writer.finish()
     return time.perf_counter() - t0
 
@@ -113,6 +116,51 @@ def run_searches(searcher: Searcher, queries: list[str], shortlist: int, warmup:
                 steps[s].append(r.timings_ms[s])
     return {"total": percentiles(total), **{s: percentiles(v) for s, v in steps.items() if v},
             "queries": len(queries)}
+
+
+def _evict(index: GalleryIndex) -> None:
+    """Drop the index's array files from the page cache (as after a reboot, or a gallery larger
+    than memory); clean pages go without privileges."""
+    for name in ("tokens.f16", "experts.f32"):
+        path = index.root / name
+        if path.exists():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def token_reads(index: GalleryIndex, k: int, trials: int, seed: int) -> dict:
+    """A shortlist's rows read through the memory map (fancy indexing) and by ``GalleryIndex.rows``
+    (parallel preads), from a warm and from a cold page cache; p50 / p99 ms."""
+    rng = np.random.default_rng(seed)
+    n = len(index.paths)
+    out: dict[str, list[float]] = {}
+    for _ in range(trials):
+        ids = rng.choice(n, size=min(k, n), replace=False)
+        for cache in ("cold", "warm"):
+            if cache == "cold":
+                _evict(index)
+            t = time.perf_counter()
+            np.asarray(index.tokens[ids], np.float32)
+            if index.vision_experts is not None:
+                np.asarray(index.vision_experts[ids])
+            out.setdefault(f"memmap_{cache}", []).append((time.perf_counter() - t) * 1e3)
+        for cache in ("cold", "warm"):
+            if cache == "cold":
+                _evict(index)
+            t = time.perf_counter()
+            index.rows(ids)
+            out.setdefault(f"rows_{cache}", []).append((time.perf_counter() - t) * 1e3)
+    return {name: percentiles(v) for name, v in out.items()}
+
+
+def bytes_per_image(index: GalleryIndex) -> dict[str, float]:
+    n = max(1, len(index.paths))
+    files = {name: (index.root / name).stat().st_size for name in ("embeds.f32", "tokens.f16", "experts.f32",
+                                                                    "faiss.index") if (index.root / name).exists()}
+    return {**{k: round(v / n, 1) for k, v in files.items()}, "total": round(sum(files.values()) / n, 1)}
 
 
 def shortlist_recall(index: GalleryIndex, matcher, queries: list[str], k: int) -> tuple[float, dict]:
@@ -139,6 +187,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2000, help="real images rendered and indexed")
     p.add_argument("--sizes", default="10000,100000", help="gallery sizes for the search sweep")
     p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--read-trials", type=int, default=30, help="shortlists read cold and warm per gallery size")
     p.add_argument("--shortlist", type=int, default=100)
     p.add_argument("--seed", type=int, default=20261125)
     p.add_argument("--triton", action="store_true", help="also search the largest gallery through Triton")
@@ -179,6 +228,8 @@ def main() -> None:
             index = GalleryIndex.open(folder, matcher.manifest.model_identity)
             row = {"faiss": index.meta["faiss"], "build_s": round(build_s, 1),
                    **run_searches(Searcher(matcher, index, explainer), queries, args.shortlist)}
+            row["token_reads"] = token_reads(index, args.shortlist, args.read_trials, args.seed)
+            row["bytes_per_image"] = bytes_per_image(index)
             if index.meta["faiss"] != "flat":
                 recall, exact_ms = shortlist_recall(index, matcher, queries, args.shortlist)
                 row.update(shortlist_recall_vs_exact=round(recall, 4), exact_shortlist_ms=exact_ms)
@@ -206,6 +257,10 @@ def main() -> None:
         cells = " | ".join(f"{row[s]['p50']:6.2f} / {row[s]['p99']:6.2f}" if s in row else f"{'-':>15}"
                            for s in shown)
         print(f"{int(size):>8} {row['faiss']:>5} | {cells}   (p50 / p99)")
+        reads = row["token_reads"]
+        print(f"{'':>8} shortlist rows read: " + ", ".join(f"{k} {v['p50']:.2f} / {v['p99']:.2f}" for k, v in
+                                                           reads.items()) + " ms (p50 / p99)")
+        print(f"{'':>8} bytes per image: " + ", ".join(f"{k} {v:g}" for k, v in row["bytes_per_image"].items()))
         if "shortlist_recall_vs_exact" in row:
             print(f"{'':>8} IVF shortlist recall vs exact: {row['shortlist_recall_vs_exact']:.3f}; exact "
                   f"shortlist p50 {row['exact_shortlist_ms']['p50']:.2f} ms")

@@ -32,11 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clipmatch.contract import DCSM, ENTITY_HEADS, IMAGE_TOWER, TEXT_TOWER
+from clipmatch.contract import DCSM, ENTITY_IMAGE, ENTITY_PAIR, ENTITY_QUERY, IMAGE_TOWER, TEXT_TOWER
 from clipmatch.tokenizer import ClipTokenizer
 from clipmatch_export.clip_loader import load_clip
 from clipmatch_export.exporter import ExportOptions, export_model
 from clipmatch_export.heads import load_heads
+from clipmatch_export.mmae import EntityImage, EntityPair, EntityQuery
 from clipmatch_export.onnx_export import run_torch
 from clipmatch_export.parity import TokenIds, random_inputs
 from clipmatch_export.towers import ImageTower, TextTower
@@ -73,19 +74,17 @@ def main() -> int:
 
     keep = tempfile.TemporaryDirectory()
     if args.vit_b32:
-        import sys
-
         from clipmatch_export.tiny import add_random_heads
 
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_towers import build_vit_b32
+        from clipmatch_export.tiny import build_vit_b32
 
-        args.model = build_vit_b32(Path(keep.name))
+        args.model = build_vit_b32(Path(keep.name) / "vit-b32")
         add_random_heads(args.model, seed=0, dcsm_text_length=30)
     clip, _ = load_clip(args.model)
     heads, manifest = load_heads(args.model)
     modules = {IMAGE_TOWER: ImageTower(clip).eval(), TEXT_TOWER: TextTower(clip).eval(),
-               ENTITY_HEADS: heads.entity.eval(), DCSM: heads.dcsm.eval()}
+               ENTITY_IMAGE: EntityImage(heads.entity).eval(), ENTITY_QUERY: EntityQuery(heads.entity).eval(),
+               ENTITY_PAIR: EntityPair(heads.entity).eval(), DCSM: heads.dcsm.eval()}
     results = {"model": "ViT-B/32 shape, random" if args.vit_b32 else str(args.model),
                "machine": platform.machine(), "device": torch.cuda.get_device_name(device)
                if device.type == "cuda" else str(device), "torch": torch.__version__, "onnxruntime": ort.__version__,

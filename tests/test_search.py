@@ -174,3 +174,89 @@ def test_heatmap_puts_a_word_where_its_tokens_match(local, tiny_index, tmp_path)
     words = len(local.files.tokenizer(["a red circle"]).input_ids[0][local.files.tokenizer(["a red circle"])
                                                                        .attention_mask[0] > 0]) - 2
     assert png.size == (160 * (1 + words), 180)
+
+
+def test_search_scores_are_the_unsplit_pytorch_heads_on_the_indexs_tokens(default_gallery):
+    """The split graphs and the index's stored vision experts give, for every hit, what the whole
+    PyTorch heads compute from the index's fp16 tokens: the scores the search had before the split."""
+    import torch
+
+    from clipmatch_export.heads import load_heads
+
+    m, index, kb, pool = default_gallery
+    heads, _ = load_heads(DEFAULT)
+    searcher = Searcher(m, index, explainer=kb)
+    queries = [ex.caption for ex in list(pool.values())[::12]]  # 30, every row
+    for query in queries:
+        result = searcher.search(query, top_k=100, shortlist=100)
+        explanation = result.explanation.text if result.explanation is not None and result.explanation.ok else None
+        q = m.encode_texts([query])
+        e = q if explanation is None else m.encode_texts([explanation])
+        ids = [h.id for h in result.hits]
+        tokens = torch.from_numpy(np.asarray(index.tokens[ids], np.float32))
+        k = len(ids)
+        n, length = int(q.mask[0].sum()), m.manifest.sizes["dcsm_text_length"]
+        fit = np.zeros((1, length), np.int64)
+        fit[0, :min(n, length)] = 1
+        t = lambda x: torch.from_numpy(np.ascontiguousarray(x))  # noqa: E731
+        with torch.no_grad():
+            match_prob, entity_score = heads.entity(
+                tokens, t(q.tokens).expand(k, -1, -1), t(q.mask).expand(k, -1), t(e.tokens).expand(k, -1, -1),
+                t(e.mask).expand(k, -1))
+            text = np.zeros((1, length, q.tokens.shape[2]), np.float32)
+            text[0, :min(n, length)] = q.tokens[0, :min(n, length)]
+            func = np.zeros((1, length), np.int64)
+            func[0, :min(n, length)] = q.functional_ids[0, :min(n, length)]
+            dcsm = heads.dcsm(tokens, t(text).expand(k, -1, -1), t(fit).expand(k, -1), t(func).expand(k, -1))
+        got = {name: np.array([getattr(h, name) for h in result.hits]) for name in ("match_prob", "entity_score",
+                                                                                    "dcsm")}
+        assert np.abs(got["match_prob"] - match_prob.numpy()).max() <= 1e-5, query
+        assert np.abs(got["entity_score"] - entity_score.numpy()).max() <= 1e-5, query
+        # An unbounded logit of 10 to 20 here: float32 rounding at that size is 1e-6 a step.
+        assert np.all(np.abs(got["dcsm"] - dcsm.numpy()) <= 1e-5 + 1e-6 * np.abs(dcsm.numpy())), query
+
+
+def test_an_index_of_the_older_format_is_refused_by_name_and_upgraded_in_place(local, tmp_path):
+    """Format 1 had no stored vision experts: search says which command adds them; the upgrade
+    (from the stored tokens alone) gives the index a fresh run would have written."""
+    from clipmatch.cli import main
+    from clipmatch.errors import IncompatibleModelError
+
+    paths = []
+    for i in range(30):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(paths[-1])
+    build_index(local, paths[:20], tmp_path / "idx", progress=False)
+    fresh = np.fromfile(tmp_path / "idx" / "experts.f32", np.float32)
+    want = Searcher(local, GalleryIndex.open(tmp_path / "idx")).search("a red circle", top_k=10, shortlist=20)
+    # What an index written before the split holds.
+    (tmp_path / "idx" / "experts.f32").unlink()
+    meta = json.loads((tmp_path / "idx" / "index.json").read_text())
+    meta.update(format_version=1)
+    del meta["vision_experts"], meta["num_experts"]
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(IncompatibleModelError, match=r"format 1, without the entity heads' image part; .*"
+                                                     r"clipmatch index --upgrade .*idx --export EXPORT_DIR"):
+        Searcher(local, GalleryIndex.open(tmp_path / "idx"))
+    assert main(["index", "--upgrade", str(tmp_path / "idx"), "--export", str(local.files.root)]) == 0
+    np.testing.assert_array_equal(np.fromfile(tmp_path / "idx" / "experts.f32", np.float32), fresh)
+    got = Searcher(local, GalleryIndex.open(tmp_path / "idx")).search("a red circle", top_k=10, shortlist=20)
+    assert [(h.id, h.fused) for h in got.hits] == [(h.id, h.fused) for h in want.hits]
+    assert main(["index", "--upgrade", str(tmp_path / "idx"), "--export", str(local.files.root)]) == 0  # no-op
+    # Adding images to a format-1 index upgrades it first.
+    (tmp_path / "idx" / "experts.f32").unlink()
+    (tmp_path / "idx" / "index.json").write_text(json.dumps(meta))
+    report = build_index(local, paths, tmp_path / "idx", progress=False)
+    assert report["upgraded"] == 20 and report["total"] == 30
+    index = GalleryIndex.open(tmp_path / "idx")
+    np.testing.assert_array_equal(np.asarray(index.vision_experts[:20]).ravel(), fresh)
+
+
+def test_shortlist_rows_are_read_as_stored(local, tiny_index):
+    ids = np.array([5, 0, 17, 3, 3])  # any order, repeats too
+    rows = tiny_index.rows(ids)
+    np.testing.assert_array_equal(rows.tokens, np.asarray(tiny_index.tokens[ids], np.float32))
+    np.testing.assert_array_equal(rows.embeds, np.asarray(tiny_index.embeds[ids]))
+    np.testing.assert_array_equal(rows.vision_experts, np.asarray(tiny_index.vision_experts[ids]))
+    with pytest.raises(InputError, match=r"rows \[999\] are outside the index"):
+        tiny_index.rows(np.array([1, 999]))

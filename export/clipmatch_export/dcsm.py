@@ -36,7 +36,14 @@ from clipmatch.manifest import HeadsConfig
 
 
 class DenseCosineScorer(nn.Module):
-    """(image tokens, fixed-length text tokens) pairs -> one unbounded logit each."""
+    """(image tokens, text tokens) pairs -> one unbounded logit each.
+
+    Texts are at most ``dcsm_text_length`` tokens, zero-padded to one length. The text
+    side may have batch 1 against N images (one query, N candidates): it broadcasts, and
+    the N maps are one product. A text may also come cut to its own length, with the same
+    score: padding columns are zeros, masked in every attention and pooling of the token
+    reader, and padded back for the CNN reader, whose MLP reads fixed positions.
+    """
 
     def __init__(self, config: HeadsConfig):
         super().__init__()
@@ -50,9 +57,9 @@ class DenseCosineScorer(nn.Module):
     def dense_map(
         self,
         image_tokens: torch.Tensor,  # (B, P, D) L2-normalised
-        text_tokens: torch.Tensor,  # (B, L, D) L2-normalised, zeros at padding
-        text_mask: torch.Tensor,  # (B, L) 1 = real token
-        functional_ids: torch.Tensor,  # (B, L) 0 = ordinary, j+1 = functional word j
+        text_tokens: torch.Tensor,  # (B or 1, L, D) L2-normalised, zeros at padding
+        text_mask: torch.Tensor,  # (B or 1, L) 1 = real token
+        functional_ids: torch.Tensor,  # (B or 1, L) 0 = ordinary, j+1 = functional word j
     ) -> torch.Tensor:
         sim = image_tokens @ text_tokens.transpose(1, 2)  # (B, P, L) cosines
         real = (text_mask > 0).unsqueeze(1)  # (B, 1, L)
@@ -82,12 +89,14 @@ class MapCNN(nn.Module):
     def __init__(self, config: HeadsConfig):
         super().__init__()
         p, l, c = config.num_image_tokens, config.dcsm_text_length, config.dcsm_channels
+        self.length = l
         self.conv1 = nn.Conv2d(1, c, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(c, c, kernel_size=3, padding=1)
         self.fc1 = nn.Linear(c * p * l, config.dcsm_hidden)
         self.fc2 = nn.Linear(config.dcsm_hidden, 1)
 
     def forward(self, dense, text_mask, functional_ids) -> torch.Tensor:
+        dense = F.pad(dense, (0, self.length - dense.size(-1)))  # a text cut short: back to L columns
         x = dense.unsqueeze(1)  # (B, 1, P, L)
         x = F.relu(self.conv1(x))
         x = F.relu(self.conv2(x))  # (B, C, P, L)
@@ -130,8 +139,8 @@ class MapTokenReader(nn.Module):
         ], dim=-1)  # (B, L, n_place)
         # Do words i and j point at the same patches? Biases attention (binding is overlap).
         overlap = torch.einsum("bpl,bpm->blm", attend, attend) * attend.shape[1] ** 0.5
-        keep = text_mask > 0
-        x = self.place(place) + self.word(functional_ids) + self.position
+        keep = (text_mask > 0).expand(dense.size(0), -1)  # (B, L), also from a batch-1 text
+        x = self.place(place) + self.word(functional_ids) + self.position[:dense.size(-1)]
         for block in self.blocks:
             x = block(x, keep, overlap)
         x = self.ln_f(x)

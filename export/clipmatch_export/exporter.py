@@ -20,14 +20,17 @@ from typing import Iterator
 import numpy as np
 import torch.nn as nn
 
-from clipmatch.contract import COMPONENTS, DCSM, ENTITY_HEADS, HEADS, IMAGE_TOWER, TEXT_TOWER, TOWERS, ComponentSpec
+from clipmatch.contract import (COMPONENTS, DCSM, ENTITY_IMAGE, ENTITY_PAIR, ENTITY_QUERY, HEADS, IMAGE_TOWER, TEXT_TOWER,
+                                TOWERS, ComponentSpec)
 from clipmatch.errors import IncompatibleModelError, ModelNotFoundError, ParityError
 from clipmatch.manifest import (EXPORT_MANIFEST, HEADS_MANIFEST, PARITY_REPORT, ExportManifest, HeadsConfig,
                                 sha256_file, sha256_json)
+from clipmatch.progress import Progress
 from clipmatch.tokenizer import ClipTokenizer
 
 from .clip_loader import load_clip
 from .heads import load_heads
+from .mmae import EntityImage, EntityPair, EntityQuery
 from .onnx_export import OPSET, convert_fp16, export_component, pin_io_shapes, run_onnx, run_torch, set_metadata
 from .parity import FP16, FP32, ParityReport, TokenIds, Tolerance, compare, random_inputs
 from .towers import ImageTower, TextTower
@@ -43,6 +46,7 @@ class ExportOptions:
     tolerance: Tolerance = FP32
     fp16_tolerance: Tolerance = FP16
     seed: int = 0
+    progress: bool = False  # a progress line on stderr: each graph exported, each checked
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,9 @@ def export_model(model_dir: str | Path, out_dir: str | Path, options: ExportOpti
         heads, heads_manifest = load_heads(model_dir)
         heads_config, heads_identity = heads_manifest.config, heads_manifest.identity
         fusion = heads_manifest.fusion
-        modules[ENTITY_HEADS.name] = heads.entity
+        modules[ENTITY_IMAGE.name] = EntityImage(heads.entity)
+        modules[ENTITY_QUERY.name] = EntityQuery(heads.entity)
+        modules[ENTITY_PAIR.name] = EntityPair(heads.entity)
         modules[DCSM.name] = heads.dcsm
 
     text_cfg, vision_cfg = clip.config.text_config, clip.config.vision_config
@@ -85,6 +91,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, options: ExportOpti
     if heads_config is not None:
         _check_heads_fit(heads_config, sizes)
         sizes["dcsm_text_length"] = heads_config.dcsm_text_length
+        sizes["num_experts"] = heads_config.num_experts
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for f in files.tokenizer_files + (files.preprocessor_config,):
@@ -107,6 +114,7 @@ def export_model(model_dir: str | Path, out_dir: str | Path, options: ExportOpti
     rng = np.random.default_rng(options.seed)
     num_functional = len(heads_config.functional_words) if heads_config else 0
     components: dict[str, dict[str, str]] = {}
+    bar = Progress(2 * len(specs), enabled=options.progress, desc="export", unit="steps")
     for spec in specs:
         module = modules[spec.name]
         # Trace at a middle length and check at a short and the full length, so
@@ -127,11 +135,14 @@ def export_model(model_dir: str | Path, out_dir: str | Path, options: ExportOpti
             set_metadata(path16, metadata | {"clipmatch.component": spec.name, "clipmatch.precision": "fp16"})
             components[spec.name]["fp16"] = f"fp16/{spec.filename}"
             graphs.append(("fp16", path16, options.fp16_tolerance))
+        bar.update()
         for batch, length in zip(options.batch_sizes, itertools.cycle(lengths[1:])):
             feeds = inputs(batch, length)
             reference = run_torch(module, spec, feeds)
             for precision, graph, tol in graphs:
                 report.checks.append(compare(spec.name, precision, reference, run_onnx(graph, spec, feeds), tol, feeds))
+        bar.update()
+    bar.close()
 
     manifest = ExportManifest(model_identity, tokenizer.identity, sizes, components, heads_config,
                               options.opset, versions(), fusion)

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from clipmatch.fusion import Fusion, FusionWeights, fuse
+from clipmatch.fusion import Fusion, FusionWeights, Shortlists
 from clipmatch.manifest import HeadsManifest
 from clipmatch.matcher import Matcher
 
@@ -44,7 +44,7 @@ from .synth.forms import satisfies
 from .synth.world import render
 from .train.data import kb_explanation
 
-__all__ = ["FusionFitConfig", "Shortlists", "collect_shortlists", "fit_weights", "fit_fusion", "fit_model_fusion",
+__all__ = ["FusionFitConfig", "collect_shortlists", "fit_labelled_fusion", "fit_weights", "fit_fusion", "fit_model_fusion",
            "format_fit", "GROUPS"]
 
 PLAIN_ROWS = ("basic", "binding", "spatial", "negation")
@@ -61,27 +61,6 @@ class FusionFitConfig:
     queries_per_row: int = 150
     shortlist: int = 100  # the search default
     grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-
-
-@dataclass
-class Shortlists:
-    """One group's queries: every score of every shortlisted candidate, (Q, K) each,
-    and which candidates satisfy the query."""
-
-    cosine: np.ndarray
-    match_prob: np.ndarray
-    dcsm: np.ndarray
-    relevant: np.ndarray
-    rows: list[str]
-
-    def r1_mrr(self, weights: FusionWeights) -> tuple[float, float, np.ndarray]:
-        """R@1, mean reciprocal rank of the first hit in the shortlist, and each query's R@1."""
-        fused = fuse(weights, self.cosine, self.match_prob, self.dcsm)
-        order = np.argsort(-fused, axis=1, kind="stable")
-        ranked = np.take_along_axis(self.relevant, order, axis=1)
-        first = ranked.argmax(axis=1)
-        rr = np.where(ranked.any(axis=1), 1.0 / (first + 1), 0.0)
-        return float(ranked[:, 0].mean()), float(rr.mean()), ranked[:, 0]
 
 
 def _validation_rows(config: FusionFitConfig) -> dict[str, list]:
@@ -195,11 +174,56 @@ def fit_model_fusion(model_dir: str | Path, config: FusionFitConfig = FusionFitC
     return fusion
 
 
+def fit_labelled_fusion(model_dir: str | Path, data: str | Path, *, gallery: str | Path | None = None,
+                        knowledge_base: str | Path | None = None, shortlist: int = 100,
+                        grid: tuple[float, ...] = FusionFitConfig.grid, write: bool = True) -> Fusion:
+    """The same fit and sign test on a user's labelled queries (``clipmatch.labelled``) over their
+    own gallery, searched as the search runs. A group without queries keeps the model's weights."""
+    import tempfile
+
+    from clipmatch.explainers import KnowledgeBaseExplainer
+    from clipmatch.labelled import collect, open_gallery, read_labelled
+    from clipmatch.local import Local
+    from clipmatch.search import Searcher
+
+    from .exporter import exported
+
+    manifest = HeadsManifest.read(model_dir)  # fail before the work, not after
+    kb = KnowledgeBaseExplainer(knowledge_base) if knowledge_base is not None else None
+    queries = read_labelled(data, knowledge_base=kb)
+    with exported(model_dir) as export_dir, tempfile.TemporaryDirectory(prefix="clipmatch-fit-") as tmp:
+        matcher = Local(export_dir)
+        index = open_gallery(matcher, gallery, queries, tmp)
+        # Equal weights for the search itself: the shortlist does not depend on them, and the
+        # fit sees every candidate's scores.
+        shortlists, _ = collect(Searcher(matcher, index, fusion=Fusion()), queries, shortlist)
+    current = manifest.fusion or Fusion()
+    weights, figures = {}, {}
+    for group in GROUPS:
+        if group in shortlists:
+            weights[group], figures[group] = fit_weights(shortlists[group], grid)
+        else:
+            weights[group] = current.for_query(group == "explained")
+            figures[group] = {"queries": 0, "kept": "the model's (no labelled queries of this group)"}
+    fitted = {"split": "labelled data", "data": str(Path(data).resolve()), "gallery": len(index.paths),
+              "shortlist": min(shortlist, len(index.paths)), "grid": list(grid), "objective": "R@1 (ties: MRR)",
+              "rule": "the best grid point where a paired sign test against equal weights gives p < 0.01, "
+                      "else equal", **figures}
+    fusion = Fusion(weights["plain"], weights["explained"], fitted)
+    if write:
+        dataclasses.replace(manifest, fusion=fusion).write(model_dir)
+    return fusion
+
+
 def format_fit(fusion: Fusion) -> str:
     lines = []
     for group in GROUPS:
         w, f = fusion.for_query(group == "explained"), fusion.fitted[group]
-        lines.append(f"{group} ({f['queries']} validation queries): weights cosine {w.cosine:g}, "
+        if not f.get("queries"):
+            lines.append(f"{group}: no queries; weights cosine {w.cosine:g}, gi-itm {w.itm:g}, dcsm {w.dcsm:g} "
+                         f"kept: {f.get('kept')}")
+            continue
+        lines.append(f"{group} ({f['queries']} {'labelled' if fusion.fitted.get('split') == 'labelled data' else 'validation'} queries): weights cosine {w.cosine:g}, "
                      f"gi-itm {w.itm:g}, dcsm {w.dcsm:g}")
         lines.append("  R@1: " + ", ".join(f"{k} {v:.3f}" for k, v in f["r1"].items()))
         t = f["sign_test"]

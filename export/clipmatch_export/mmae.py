@@ -36,14 +36,23 @@ class Attention(nn.Module):
         self.out = nn.Linear(d, d)
         self.scale = d ** -0.5
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None) -> torch.Tensor:
-        # x (B, Q, D) attends over y (B, S, D); y_mask (B, S), 0 = padding
-        att = (self.query(x) @ self.key(y).transpose(1, 2)) * self.scale  # (B, Q, S)
+    def context(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the context y (B, S, D): computed once, read by any number of queries."""
+        return self.key(y), self.value(y)
+
+    def attend(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               y_mask: torch.Tensor | None) -> torch.Tensor:
+        # x (B, Q, D) attends over keys/values (B, S, D); y_mask (B, S), 0 = padding. The
+        # context may have batch 1 for B queries (one explanation, K candidates): it broadcasts.
+        att = (self.query(x) @ keys.transpose(1, 2)) * self.scale  # (B, Q, S)
         if y_mask is not None:
             # finfo.min, not -inf: an all-padding row stays finite (uniform) instead of NaN.
             att = att.masked_fill(y_mask.unsqueeze(1) == 0, torch.finfo(att.dtype).min)
         att = att.softmax(dim=-1)
-        return self.out(att @ self.value(y))  # (B, Q, D)
+        return self.out(att @ values)  # (B, Q, D)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.attend(x, *self.context(y), y_mask)
 
 
 class MLP(nn.Module):
@@ -68,14 +77,22 @@ class Expert(nn.Module):
         self.ln_mlp = nn.LayerNorm(d, eps=eps)
         self.mlp = MLP(config)
 
+    def context(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values (B, T, D) each of the context y (B, T, D)."""
+        return self.attn.context(self.ln_attn(y))
+
+    def read(self, h: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+             y_mask: torch.Tensor | None) -> torch.Tensor:
+        # h (B, 1, D): the read-out row; keys/values from ``context``.
+        h = h + self.attn.attend(self.ln_attn(h), keys, values, y_mask)
+        return h + self.mlp(self.ln_mlp(h))  # (B, 1, D)
+
     def forward(self, x: torch.Tensor, at: torch.Tensor, y: torch.Tensor, y_mask: torch.Tensor | None) -> torch.Tensor:
         # x (B, S, D) query sequence, at (B,) read-out position, y (B, T, D) context.
         # With a single block the read-out position depends only on its own
         # query row, so only that row is computed: O(T) per expert, not O(S*T).
         h = gather_positions(x, at).unsqueeze(1)  # (B, 1, D)
-        h = h + self.attn(self.ln_attn(h), self.ln_attn(y), y_mask)
-        h = h + self.mlp(self.ln_mlp(h))
-        return h.squeeze(1)  # (B, D)
+        return self.read(h, *self.context(y), y_mask).squeeze(1)  # (B, D)
 
 
 @dataclass
@@ -177,4 +194,79 @@ class EntityHeads(nn.Module):
         out = self.experts(image_tokens, text_tokens, text_mask, explanation_tokens, explanation_mask)
         match_prob = self.matcher(out).softmax(dim=-1)[:, 1]
         entity_score = (out.image_star * out.text_star).sum(dim=-1)
+        return match_prob, entity_score
+
+
+# -- Served in three parts, split by what each reads -----------------------------------------
+#
+# The unsplit module takes one (image, text, explanation) row per candidate, so serving it
+# recomputes the text side and the explanation's keys and values K times per query, and the
+# vision experts (which read the image alone) once per query for every image. Split:
+# - image part, per image, once (at indexing): the K vision experts;
+# - query part, per query, once: T*, the text side's 2K experts, the text half of GI-ITM's
+#   gate, and each explanation expert's keys and values over the explanation;
+# - pair part, per candidate: the image side's explanation experts (one query row each,
+#   reading the query part's keys and values), V*, the entity score and GI-ITM.
+# Same weights, same arithmetic: the parts compose to EntityHeads (tests/export/test_models.py).
+
+
+class EntityImage(nn.Module):
+    """image_tokens (N, P, D) -> vision_experts (N, K, D)."""
+
+    def __init__(self, heads: EntityHeads):
+        super().__init__()
+        self.experts = heads.experts
+
+    def forward(self, image_tokens: torch.Tensor) -> torch.Tensor:
+        cls = torch.zeros(image_tokens.size(0), dtype=torch.long, device=image_tokens.device)
+        return torch.stack([e(image_tokens, cls, image_tokens, None) for e in self.experts.vision], dim=1)
+
+
+class EntityQuery(nn.Module):
+    """(text, explanation) rows -> text_star (B, D), text_experts (B, 2, K, D), text_gate (B, 4, K),
+    explanation_keys, explanation_values (B, K, E, D)."""
+
+    def __init__(self, heads: EntityHeads):
+        super().__init__()
+        self.experts, self.matcher = heads.experts, heads.matcher
+        self.d = heads.matcher.head.in_features
+
+    def forward(self, text_tokens, text_mask, explanation_tokens, explanation_mask):
+        e, k = self.experts, len(self.experts.text)
+        eot = eot_positions(text_mask)
+        text_cls = gather_positions(text_tokens, eot)  # (B, D)
+        context = [x.context(explanation_tokens) for x in e.explanation]  # K x ((B, E, D), (B, E, D))
+        eot_row = text_cls.unsqueeze(1)  # (B, 1, D)
+        text = torch.stack([x(text_tokens, eot, text_tokens, text_mask) for x in e.text]
+                           + [x.read(eot_row, keys, values, explanation_mask).squeeze(1)
+                              for x, (keys, values) in zip(e.explanation, context)], dim=1)  # (B, 2K, D)
+        text_star = F.normalize(_gated_sum(e.text_gate(text_cls), text), dim=-1)
+        gate = self.matcher.gate  # over [V_cls; T_cls]: the text half and the bias are the query's
+        text_gate = F.linear(text_cls, gate.weight[:, self.d:], gate.bias)  # (B, 4K)
+        keys = torch.stack([kv[0] for kv in context], dim=1)  # (B, K, E, D)
+        values = torch.stack([kv[1] for kv in context], dim=1)
+        return text_star, text.unflatten(1, (2, k)), text_gate.unflatten(1, (4, k)), keys, values
+
+
+class EntityPair(nn.Module):
+    """N candidates of one query -> match_prob (N,), entity_score (N,). The query's tensors have batch 1."""
+
+    def __init__(self, heads: EntityHeads):
+        super().__init__()
+        self.experts, self.matcher = heads.experts, heads.matcher
+        self.d = heads.matcher.head.in_features
+
+    def forward(self, image_cls, vision_experts, text_star, text_experts, text_gate, explanation_keys,
+                explanation_values, explanation_mask):
+        e = self.experts
+        row = image_cls.unsqueeze(1)  # (N, 1, D): the image side's experts read the CLS row only
+        explained = torch.cat([x.read(row, explanation_keys[:, j], explanation_values[:, j], explanation_mask)
+                               for j, x in enumerate(e.explanation)], dim=1)  # (N, K, D)
+        image_experts = torch.cat([vision_experts, explained], dim=1)  # (N, 2K, D)
+        image_star = F.normalize(_gated_sum(e.image_gate(image_cls), image_experts), dim=-1)
+        entity_score = (image_star * text_star).sum(dim=-1)  # (N,)
+        everything = torch.cat([image_experts, text_experts.flatten(1, 2).expand(image_cls.size(0), -1, -1)],
+                               dim=1)  # (N, 4K, D)
+        logits = F.linear(image_cls, self.matcher.gate.weight[:, :self.d]) + text_gate.flatten(1)  # (N, 4K)
+        match_prob = self.matcher.head(_gated_sum(logits, everything)).softmax(dim=-1)[:, 1]
         return match_prob, entity_score

@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-from clipmatch.contract import DCSM, ENTITY_HEADS, IMAGE_TOWER, TEXT_TOWER, ComponentSpec
+from clipmatch.contract import DCSM, ENTITY_IMAGE, ENTITY_PAIR, ENTITY_QUERY, IMAGE_TOWER, TEXT_TOWER, ComponentSpec
 
 
 @dataclass(frozen=True)
@@ -115,25 +115,42 @@ def random_inputs(spec: ComponentSpec, sizes: Mapping[str, int], batch: int, rng
         input_ids[np.arange(batch), lengths - 1] = ids.eos
         input_ids[mask == 0] = ids.pad
         return {"input_ids": input_ids.astype(np.int64), "attention_mask": mask}
-    if spec is ENTITY_HEADS:
+    k = sizes.get("num_experts", 0)
+    if spec is ENTITY_IMAGE:
+        return {"image_tokens": _unit(rng, (batch, p, d))}
+    if spec is ENTITY_QUERY:
         text_mask = _mask(rng, batch, text_length, min_len=2)
         expl_mask = _mask(rng, batch, explanation_length, min_len=1)
         return {
-            "image_tokens": _unit(rng, (batch, p, d)),
             "text_tokens": _unit(rng, (batch, text_length, d), text_mask),
             "text_mask": text_mask,
             "explanation_tokens": _unit(rng, (batch, explanation_length, d), expl_mask),
             "explanation_mask": expl_mask,
         }
+    if spec is ENTITY_PAIR:
+        # One query's tensors (batch 1) against ``batch`` candidates; the values need not come
+        # from the query part: the gate compares the graph with its PyTorch source, input for input.
+        e = explanation_length
+        mask = np.zeros((1, e), np.int64)
+        mask[0, :int(rng.integers(1, e + 1))] = 1
+        normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+        return {
+            "image_cls": _unit(rng, (batch, d)), "vision_experts": normal(batch, k, d),
+            "text_star": _unit(rng, (1, d)), "text_experts": normal(1, 2, k, d), "text_gate": normal(1, 4, k),
+            "explanation_keys": normal(1, k, e, d), "explanation_values": normal(1, k, e, d),
+            "explanation_mask": mask,
+        }
     if spec is DCSM:
-        length = sizes["dcsm_text_length"]
-        mask = _mask(rng, batch, length, min_len=2)
-        functional = rng.integers(1, num_functional + 1, (batch, length)) if num_functional else \
-            np.zeros((batch, length), np.int64)
-        functional = np.where((rng.random((batch, length)) < 0.2) & (mask > 0), functional, 0)
+        # One query cut to its own length (at most dcsm_text_length), against ``batch`` images.
+        length = min(text_length, sizes["dcsm_text_length"])
+        mask = np.zeros((1, length), np.int64)
+        mask[0, :max(1, int(rng.integers(length // 2, length + 1)))] = 1
+        functional = rng.integers(1, num_functional + 1, (1, length)) if num_functional else \
+            np.zeros((1, length), np.int64)
+        functional = np.where((rng.random((1, length)) < 0.2) & (mask > 0), functional, 0)
         return {
             "image_tokens": _unit(rng, (batch, p, d)),
-            "text_tokens": _unit(rng, (batch, length, d), mask),
+            "text_tokens": _unit(rng, (1, length, d), mask),
             "text_mask": mask,
             "functional_ids": functional.astype(np.int64),
         }

@@ -152,12 +152,16 @@ def profile_shapes(
                 per_axis.append(rng.batch)
             elif dim in _TEXT_AXES:
                 per_axis.append(rng.text_length)
+            elif dim == "dcsm_length" and "dcsm_text_length" in sizes:
+                # a query cut to its own length, at most DCSM's text length
+                per_axis.append(tuple(min(n, int(sizes["dcsm_text_length"])) for n in rng.text_length))
             elif dim in sizes:
                 n = int(sizes[dim])
                 per_axis.append((n, n, n))
             else:
                 raise KeyError(
-                    f"{component.name}.{tensor.name} needs size {dim!r}, which the sizes "
+                    f"{component.name}.{tensor.name} needs size "
+                    f"{'dcsm_text_length' if dim == 'dcsm_length' else dim!r}, which the sizes "
                     f"given do not have (they have {sorted(sizes)})"
                 )
         # transpose: per-axis triples -> three shapes

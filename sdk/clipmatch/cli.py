@@ -62,7 +62,7 @@ def cmd_export(args) -> int:
     from clipmatch_export.parity import FP16, Tolerance
 
     options = ExportOptions(opset=args.opset, fp16=not args.no_fp16, towers_only=args.towers_only, seed=args.seed,
-                            fp16_tolerance=Tolerance(atol=args.fp16_atol, rtol=FP16.rtol))
+                            fp16_tolerance=Tolerance(atol=args.fp16_atol, rtol=FP16.rtol), progress=True)
     result = export_model(args.model_dir, args.out_dir, options)
     for name in result.manifest.components:
         line = f"{name:13s} fp32 max|diff| {result.report.worst(name, 'fp32'):.2e}"
@@ -138,9 +138,38 @@ def cmd_train_default(args) -> int:
     return 0
 
 
+def _labelled_eval(args) -> int:
+    import tempfile
+
+    from .explainers import KnowledgeBaseExplainer
+    from .labelled import evaluate_labelled, format_table, open_gallery, read_labelled
+    from .local import Local
+    from .search import Searcher
+
+    kb = KnowledgeBaseExplainer(args.kb) if args.kb else None
+    queries = read_labelled(args.data, knowledge_base=kb)
+    model = Path(args.model)
+    with tempfile.TemporaryDirectory(prefix="clipmatch-eval-") as tmp:
+        if (model / "clipmatch_export.json").is_file():  # an export: no PyTorch needed
+            matcher = Local(model)
+        else:
+            _export_package()
+            from clipmatch_export.exporter import export_model, ExportOptions
+
+            matcher = Local(export_model(model, Path(tmp) / "export", ExportOptions(fp16=False)).out_dir)
+        index = open_gallery(matcher, args.gallery, queries, tmp)
+        result = evaluate_labelled(Searcher(matcher, index), queries, args.shortlist or 100)
+    print(format_table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .local import Local
 
+    if args.data is not None:
+        return _labelled_eval(args)
     _export_package()
     from clipmatch_export.evaluate import EvalConfig, evaluate, format_markdown, write_json
     from clipmatch_export.exporter import exported
@@ -160,8 +189,14 @@ def cmd_fit_fusion(args) -> int:
     _export_package()
     from clipmatch_export.fusion_fit import FusionFitConfig, fit_model_fusion, format_fit
 
-    config = FusionFitConfig(**({} if args.seed is None else {"seed": args.seed}))
-    fusion = fit_model_fusion(args.model, config, write=not args.dry_run)
+    if args.data is not None:
+        from clipmatch_export.fusion_fit import fit_labelled_fusion
+
+        fusion = fit_labelled_fusion(args.model, args.data, gallery=args.gallery, knowledge_base=args.kb,
+                                     write=not args.dry_run)
+    else:
+        config = FusionFitConfig(**({} if args.seed is None else {"seed": args.seed}))
+        fusion = fit_model_fusion(args.model, config, write=not args.dry_run)
     print(format_fit(fusion))
     if not args.dry_run:
         print(f"fusion weights written to {Path(args.model) / 'clipmatch_heads.json'}", file=sys.stderr)
@@ -209,13 +244,22 @@ def _load_configs(locations):
 
 
 def cmd_index(args) -> int:
-    from .gallery_index import build_index, list_images
+    from .gallery_index import build_index, list_images, upgrade_index
     from .local import Local
 
+    if args.upgrade is not None:
+        rows = upgrade_index(Local(args.export), args.upgrade)
+        print(f"{args.upgrade}: " + (f"{rows} images upgraded to the current index format" if rows
+                                     else "already in the current format"))
+        return 0
+    if args.out is None:
+        raise SystemExit("clipmatch: error: --out is required (the index folder)")
     images = list_images(args.images)
     if not images:
         raise SystemExit("clipmatch: error: no images given (files or folders with .png/.jpg/... files)")
     report = build_index(Local(args.export), images, args.out, chunk=args.chunk, kind=args.kind)
+    if report["upgraded"]:
+        print(f"{args.out}: upgraded {report['upgraded']} images to the current index format first")
     print(f"{args.out}: {report['total']} images indexed ({report['indexed']} now, {report['already']} before), "
           f"{len(report['failed'])} unreadable")
     for f in report["failed"][:20]:
@@ -338,6 +382,15 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _labelled_args(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--data", type=Path, default=None,
+                   help="labelled queries over your own gallery (JSONL: query, relevant, optional explanation or "
+                        "entity; see the README) instead of the synthetic split")
+    s.add_argument("--gallery", type=Path, default=None,
+                   help="with --data: an index folder, or a folder of images (default: the images the queries name)")
+    s.add_argument("--kb", type=Path, default=None, help="with --data: knowledge base for 'entity' fields")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="clipmatch", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -412,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gallery-size", type=int, default=None)
     s.add_argument("--shortlist", type=int, default=None, help="cosine top-K the heads rescore (default 100, as search)")
     s.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    _labelled_args(s)
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("fit-fusion", help="fit the search fusion weights on the synthetic validation split")
@@ -420,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="validation-set seed")
     s.add_argument("--dry-run", action="store_true", help="print the fit, write nothing to the model")
     s.add_argument("--json", type=Path, default=None, help="also write the weights and figures as JSON")
+    _labelled_args(s)
     s.set_defaults(func=cmd_fit_fusion)
 
     s = sub.add_parser("repository", help="write (and check) a Triton model repository for an export")
@@ -474,8 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("index", help="encode a gallery into a searchable index (resumable; adds to an existing one)")
-    s.add_argument("images", nargs="+", help="image files or folders")
-    s.add_argument("--out", type=Path, required=True, help="the index folder")
+    s.add_argument("images", nargs="*", help="image files or folders")
+    s.add_argument("--out", type=Path, default=None, help="the index folder")
+    s.add_argument("--upgrade", type=Path, default=None, metavar="INDEX",
+                   help="bring an index of an older format up to date, in place, and stop")
     s.add_argument("--export", type=Path, default=Path(os.environ.get("CLIPMATCH_EXPORT", "exports/default")),
                    help="the export to encode with (default $CLIPMATCH_EXPORT or exports/default)")
     s.add_argument("--kind", choices=["flat", "ivf"], default=None,

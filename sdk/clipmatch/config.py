@@ -24,11 +24,16 @@ class RuntimeConfig:
     precision: str = "fp32"
     # Threads per onnxruntime session; None lets onnxruntime use every physical core.
     intra_op_threads: int | None = None
+    # Whether a session's idle threads spin for more work after a call. A search runs
+    # several sessions one after another (text tower, entity parts, DCSM), and threads
+    # left spinning by one take the cores the next needs.
+    allow_spinning: bool = False
     # Largest batch sent to one graph call. Images dominate memory (P*D floats
     # of tokens each), so they go in smaller batches than texts.
     image_batch_size: int = 32
     text_batch_size: int = 64
-    pair_batch_size: int = 64
+    # Candidates per head call: a whole K = 100 shortlist in one (the query part is shared).
+    pair_batch_size: int = 256
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -37,6 +42,8 @@ class RuntimeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.allow_spinning, bool):
+            raise ValueError(f"allow_spinning must be a bool, got {self.allow_spinning!r}")
         if self.intra_op_threads is not None and self.intra_op_threads < 1:
             raise ValueError(f"intra_op_threads must be positive, got {self.intra_op_threads}")
         if isinstance(self.providers, list):

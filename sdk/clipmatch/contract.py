@@ -4,8 +4,13 @@ Export names ONNX tensors from these specs, the runtime feeds them, and the
 Triton repository generator writes its configs from them. A dimension is an
 int (fixed for all models), or a name: either a size read from the model's
 manifest (``embed_dim``, ``image_size``, ``num_image_tokens``,
-``dcsm_text_length``) or a dynamic axis (``batch``, ``text_length``,
-``explanation_length``).
+``num_experts``, ``dcsm_text_length``) or a dynamic axis (``batch``,
+``text_length``, ``explanation_length``, ``dcsm_length``).
+
+A batched component's every tensor starts with ``batch``, and Triton batches
+its requests. An unbatched one (``batched=False``) scores one query's
+tensors, of batch 1, against ``batch`` candidates; Triton serves it with
+``max_batch_size: 0``.
 
 Masks and ids are int64 (what the CLIP text tower takes); everything else
 is float32 at the interface, also in fp16 graphs, which cast inside.
@@ -25,7 +30,10 @@ __all__ = [
     "DYNAMIC_AXES",
     "IMAGE_TOWER",
     "TEXT_TOWER",
-    "ENTITY_HEADS",
+    "ENTITY_IMAGE",
+    "ENTITY_QUERY",
+    "ENTITY_PAIR",
+    "ENTITY_PARTS",
     "DCSM",
     "COMPONENTS",
     "TOWERS",
@@ -33,7 +41,8 @@ __all__ = [
 ]
 
 # Axes that vary from call to call. Everything else is fixed by the model.
-DYNAMIC_AXES = ("batch", "text_length", "explanation_length")
+# dcsm_length is a query's own length, at most the model's dcsm_text_length.
+DYNAMIC_AXES = ("batch", "text_length", "explanation_length", "dcsm_length")
 
 Dim = int | str
 
@@ -125,15 +134,39 @@ TEXT_TOWER = ComponentSpec(
     ),
 )
 
-# One row per (image, text) pair: callers broadcast a query over its candidates.
-ENTITY_HEADS = ComponentSpec(
-    "entity_heads",
+# The entity heads (MMAE + GI-ITM), served in three parts split by what each reads
+# (clipmatch_export/mmae.py): per image, per query, per (query, candidate) pair.
+ENTITY_IMAGE = ComponentSpec(
+    "entity_image",
+    inputs=(_IMAGE_TOKENS,),
+    # The K vision experts: they read the image alone, so an index keeps them beside its tokens.
+    outputs=(_f32("vision_experts", "batch", "num_experts", "embed_dim"),),
+)
+
+ENTITY_QUERY = ComponentSpec(
+    "entity_query",
     inputs=(
-        _IMAGE_TOKENS,
         _f32("text_tokens", "batch", "text_length", "embed_dim"),
         _i64("text_mask", "batch", "text_length"),
         _f32("explanation_tokens", "batch", "explanation_length", "embed_dim"),
         _i64("explanation_mask", "batch", "explanation_length"),
+    ),
+    outputs=(
+        _f32("text_star", "batch", "embed_dim"),  # MMAE's gated text feature T*, L2-normalised
+        _f32("text_experts", "batch", 2, "num_experts", "embed_dim"),  # text experts, explanation experts
+        _f32("text_gate", "batch", 4, "num_experts"),  # GI-ITM's gate logits, text half and bias
+        _f32("explanation_keys", "batch", "num_experts", "explanation_length", "embed_dim"),
+        _f32("explanation_values", "batch", "num_experts", "explanation_length", "embed_dim"),
+    ),
+)
+
+ENTITY_PAIR = ComponentSpec(
+    "entity_pair",
+    inputs=(
+        _f32("image_cls", "batch", "embed_dim"),  # image_tokens[:, 0] of each candidate
+        _f32("vision_experts", "batch", "num_experts", "embed_dim"),
+        *(TensorSpec(t.name, t.dtype, (1, *t.dims[1:])) for t in ENTITY_QUERY.outputs),
+        _i64("explanation_mask", 1, "explanation_length"),
     ),
     outputs=(
         # GI-ITM: probability that the pair matches.
@@ -141,20 +174,25 @@ ENTITY_HEADS = ComponentSpec(
         # MMAE: cosine of the gated expert features V* and T*.
         _f32("entity_score", "batch"),
     ),
+    batched=False,
 )
 
+ENTITY_PARTS = (ENTITY_IMAGE, ENTITY_QUERY, ENTITY_PAIR)
+
+# One query's text (batch 1, cut to its own length) against its candidates' image tokens.
 DCSM = ComponentSpec(
     "dcsm",
     inputs=(
         _IMAGE_TOKENS,
-        _f32("text_tokens", "batch", "dcsm_text_length", "embed_dim"),
-        _i64("text_mask", "batch", "dcsm_text_length"),
+        _f32("text_tokens", 1, "dcsm_length", "embed_dim"),
+        _i64("text_mask", 1, "dcsm_length"),
         # 0 for an ordinary token, j + 1 for functional word j of the manifest.
-        _i64("functional_ids", "batch", "dcsm_text_length"),
+        _i64("functional_ids", 1, "dcsm_length"),
     ),
     outputs=(_f32("dcsm_logit", "batch"),),
+    batched=False,
 )
 
 TOWERS = (IMAGE_TOWER, TEXT_TOWER)
-HEADS = (ENTITY_HEADS, DCSM)
+HEADS = (*ENTITY_PARTS, DCSM)
 COMPONENTS: dict[str, ComponentSpec] = {c.name: c for c in TOWERS + HEADS}

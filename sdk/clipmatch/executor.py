@@ -35,15 +35,22 @@ def validate_feeds(component: str, feeds: Mapping[str, np.ndarray], sizes: Mappi
         if x.ndim != len(expected) or any(e is not None and e != s for e, s in zip(expected, x.shape)):
             shown = tuple("?" if e is None else e for e in expected)
             raise ShapeError(f"{component}: {t.name} must have shape {shown}, got {tuple(x.shape)}")
-        if batch is None:
+        if t.dims[0] != "batch":  # a query's tensor of an unbatched component: batch 1, checked above
+            pass
+        elif batch is None:
             batch = x.shape[0]
         elif x.shape[0] != batch:
             raise ShapeError(f"{component}: batch sizes differ: {t.name} has {x.shape[0]} rows, "
                              f"{spec.inputs[0].name} has {batch}")
-        if x.dtype.kind == "f" and not np.isfinite(x).all():
+        # The sum is NaN or inf whenever an element is (and, for these unit-scale inputs, only
+        # then): one pass without a boolean copy of a shortlist's 10 MB of tokens.
+        if x.dtype.kind == "f" and not np.isfinite(x.sum()) and not np.isfinite(x).all():
             rows = sorted(set(np.argwhere(~np.isfinite(x))[:, 0].tolist()))
             raise ShapeError(f"{component}: {t.name} holds NaN or inf in rows {rows[:10]}")
-    for name in ("text_length", "explanation_length"):
+    for name in ("text_length", "explanation_length", "dcsm_length"):
         dims = {t.name: feeds[t.name].shape[i] for t in spec.inputs for i, d in enumerate(t.dims) if d == name}
         if len(set(dims.values())) > 1:
             raise ShapeError(f"{component}: {name} differs between inputs: {dims}")
+        if name == "dcsm_length" and dims and max(dims.values()) > sizes["dcsm_text_length"]:
+            raise ShapeError(f"{component}: texts are at most dcsm_text_length={sizes['dcsm_text_length']} tokens, "
+                             f"got {max(dims.values())}")

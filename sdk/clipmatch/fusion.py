@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["FusionWeights", "Fusion", "zscore", "logit", "fuse"]
+__all__ = ["FusionWeights", "Fusion", "Shortlists", "zscore", "logit", "fuse"]
 
 SCORES = ("cosine", "itm", "dcsm")
 
@@ -99,3 +99,27 @@ def fuse(weights: FusionWeights, cosine: np.ndarray, match_prob: np.ndarray | No
     if dcsm is not None:
         fused = fused + weights.dcsm * zscore(np.asarray(dcsm, np.float64))
     return fused
+
+
+@dataclass
+class Shortlists:
+    """Queries' shortlists with every score of every candidate, (Q, K) each, which candidates
+    are relevant, and a row name per query: what fusion weights are fitted and judged on."""
+
+    cosine: np.ndarray
+    match_prob: np.ndarray
+    dcsm: np.ndarray
+    relevant: np.ndarray
+    rows: list[str]
+
+    def ranked(self, scores: np.ndarray) -> np.ndarray:
+        """(Q, K) relevance, each query's candidates best first by ``scores``."""
+        order = np.argsort(-np.asarray(scores), axis=1, kind="stable")
+        return np.take_along_axis(self.relevant, order, axis=1)
+
+    def r1_mrr(self, weights: FusionWeights) -> tuple[float, float, np.ndarray]:
+        """R@1, mean reciprocal rank of the first hit in the shortlist, and each query's R@1."""
+        ranked = self.ranked(fuse(weights, self.cosine, self.match_prob, self.dcsm))
+        first = ranked.argmax(axis=1)
+        rr = np.where(ranked.any(axis=1), 1.0 / (first + 1), 0.0)
+        return float(ranked[:, 0].mean()), float(rr.mean()), ranked[:, 0]

@@ -15,7 +15,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .config import RuntimeConfig
-from .contract import DCSM, ENTITY_HEADS, IMAGE_TOWER, TEXT_TOWER
+from .contract import DCSM, ENTITY_IMAGE, ENTITY_PAIR, ENTITY_PARTS, ENTITY_QUERY, IMAGE_TOWER, TEXT_TOWER
 from .errors import IncompatibleModelError, InputError, ModelNotFoundError, ShapeError
 from .executor import Executor
 from .manifest import ExportManifest
@@ -77,8 +77,9 @@ class Matcher:
     @property
     def heads(self) -> tuple[str, ...]:
         """The rescoring heads this model serves."""
-        have = self.manifest.components
-        return tuple(h for h, c in zip(HEAD_NAMES, (ENTITY_HEADS, DCSM)) if c.name in have)
+        have = set(self.manifest.components)
+        entity = {c.name for c in ENTITY_PARTS} <= have
+        return tuple(h for h, served in zip(HEAD_NAMES, (entity, DCSM.name in have)) if served)
 
     # -- encoding --------------------------------------------------------------
 
@@ -102,6 +103,20 @@ class Matcher:
             embeds.append(out["image_embeds"])
             tokens.append(out["image_tokens"])
         return ImageEncoding(np.concatenate(embeds), np.concatenate(tokens))
+
+    def with_vision_experts(self, encoding: ImageEncoding) -> ImageEncoding:
+        """``encoding`` with the entity heads' image part computed from its tokens (kept if there).
+
+        They read the image alone, so they are computed once per image and cached with
+        the tokens (the gallery index stores them); rescoring computes them when missing.
+        """
+        if encoding.vision_experts is not None or "entity" not in self.heads:
+            return encoding
+        parts, step = [], self.config.image_batch_size
+        for start in range(0, len(encoding), step):
+            tokens = np.ascontiguousarray(encoding.tokens[start:start + step], np.float32)
+            parts.append(self.executor.run(ENTITY_IMAGE.name, {"image_tokens": tokens})["vision_experts"])
+        return encoding.with_vision_experts(np.concatenate(parts))
 
     def tokenize(self, texts: Sequence[str]):
         """The token batch the text tower and DCSM are fed, functional words marked for this model's heads."""
@@ -179,11 +194,14 @@ class Matcher:
         if "entity" in wanted:
             t = time.perf_counter()
             expl = q if explanation is None else self._one_text(explanation, "explanation")
-            out = self._run_pairs(ENTITY_HEADS.name, k, {
-                "image_tokens": cands.tokens,
+            query = self.executor.run(ENTITY_QUERY.name, {
                 "text_tokens": q.tokens, "text_mask": q.mask,
                 "explanation_tokens": expl.tokens, "explanation_mask": expl.mask,
             })
+            cands = self.with_vision_experts(cands)
+            out = self._run_candidates(ENTITY_PAIR.name, k, {
+                "image_cls": cands.tokens[:, 0], "vision_experts": cands.vision_experts,
+            }, {**query, "explanation_mask": expl.mask})
             result.update(match_prob=out["match_prob"], entity_score=out["entity_score"],
                           explained=explanation is not None,
                           explanation_truncated=explanation is not None and bool(expl.truncated[0]))
@@ -191,17 +209,16 @@ class Matcher:
 
         if "dcsm" in wanted:
             t = time.perf_counter()
-            length = self.manifest.sizes["dcsm_text_length"]
             n = int(q.mask[0].sum())
-            # The text tower is causal, so its first L outputs are exactly what
-            # it gives for the text cut to L tokens: cutting here is exact.
-            out = self._run_pairs(DCSM.name, k, {
-                "image_tokens": cands.tokens,
-                "text_tokens": _fit_axis1(q.tokens, length),
-                "text_mask": _fit_axis1(q.mask, length),
-                "functional_ids": _fit_axis1(q.functional_ids, length),
+            # The text tower is causal, so its first L outputs are exactly what it gives for
+            # the text cut to L tokens; and DCSM scores a text cut to its own length as it
+            # scores it padded (clipmatch_export/dcsm.py). So the query goes cut to min(n, L).
+            length = min(n, self.manifest.sizes["dcsm_text_length"])
+            out = self._run_candidates(DCSM.name, k, {"image_tokens": cands.tokens}, {
+                "text_tokens": q.tokens[:, :length], "text_mask": q.mask[:, :length],
+                "functional_ids": q.functional_ids[:, :length],
             })
-            result.update(dcsm=out["dcsm_logit"], dcsm_truncated=n > length)
+            result.update(dcsm=out["dcsm_logit"], dcsm_truncated=n > self.manifest.sizes["dcsm_text_length"])
             result["timings_ms"]["dcsm"] = (time.perf_counter() - t) * 1e3
         return RescoreResult(**result)
 
@@ -229,15 +246,15 @@ class Matcher:
             raise InputError(f"{what} must be a str, got {type(text).__name__}")
         return self.encode_texts([text]).row(0)
 
-    def _run_pairs(self, component: str, k: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run a pair head over K rows; 1-row inputs (the query) are broadcast, not copied K times up front."""
+    def _run_candidates(self, component: str, k: int, candidates: dict[str, np.ndarray],
+                        query: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """An unbatched head over K candidates in chunks of ``pair_batch_size``; the query's
+        tensors (batch 1) go with every chunk as they are."""
         outputs: dict[str, list[np.ndarray]] = {}
         step = self.config.pair_batch_size
         for start in range(0, k, step):
-            n = min(step, k - start)
-            chunk = {name: (np.broadcast_to(x, (n,) + x.shape[1:]) if x.shape[0] == 1 and k > 1
-                            else x[start:start + n]) for name, x in feeds.items()}
-            out = self.executor.run(component, {n_: np.ascontiguousarray(x) for n_, x in chunk.items()})
+            feeds = {name: np.ascontiguousarray(x[start:start + step]) for name, x in candidates.items()}
+            out = self.executor.run(component, {**feeds, **{n: np.ascontiguousarray(x) for n, x in query.items()}})
             for name, value in out.items():
                 outputs.setdefault(name, []).append(value)
         return {name: np.concatenate(parts) for name, parts in outputs.items()}
@@ -270,6 +287,3 @@ def _pad_axis1(x: np.ndarray, width: int) -> np.ndarray:
     return np.pad(x, pad)
 
 
-def _fit_axis1(x: np.ndarray, width: int) -> np.ndarray:
-    """Cut or zero-pad axis 1 to exactly ``width``."""
-    return _pad_axis1(x[:, :width], width)

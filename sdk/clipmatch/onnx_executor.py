@@ -80,6 +80,9 @@ class OnnxExecutor:
         options.log_severity_level = 3
         if config.intra_op_threads:
             options.intra_op_num_threads = config.intra_op_threads
+        spin = "1" if config.allow_spinning else "0"
+        options.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        options.add_session_config_entry("session.inter_op.allow_spinning", spin)
         self.sessions = {}
         for name in manifest.components:
             if name not in COMPONENTS:

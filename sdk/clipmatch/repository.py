@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .contract import COMPONENTS, IMAGE_TOWER, TEXT_TOWER, ComponentSpec, TensorSpec
+from .contract import COMPONENTS, DCSM, ENTITY_PAIR, ENTITY_QUERY, IMAGE_TOWER, TEXT_TOWER, ComponentSpec, TensorSpec
 from .errors import ModelNotFoundError
 from .manifest import ExportManifest
 
@@ -184,9 +184,10 @@ class Ensemble:
     outputs: tuple[TensorSpec, ...]
 
 
-# The rescoring job: one query (one row) against K cached candidates. Not an ensemble:
-# an ensemble's steps share one batch size. A Python-backend model calls the
-# batched components instead (see triton_rescore_model.py); dims here are full shapes.
+# The rescoring job: one query (one row) against K cached candidates, with their tokens
+# and vision experts (both cached per image). Not an ensemble: an ensemble's steps share
+# one batch size. A Python-backend model calls the components instead (see
+# triton_rescore_model.py); dims here are full shapes.
 RESCORE_NAME = "rescore"
 RESCORE_INPUTS = (
     TensorSpec("input_ids", "int64", (1, "text_length")),
@@ -195,8 +196,9 @@ RESCORE_INPUTS = (
     TensorSpec("explanation_mask", "int64", (1, "explanation_length")),
     TensorSpec("functional_ids", "int64", (1, "text_length")),
     TensorSpec("image_tokens", "float32", ("batch", "num_image_tokens", "embed_dim")),
+    TensorSpec("vision_experts", "float32", ("batch", "num_experts", "embed_dim")),
 )
-RESCORE_CALLS = ("text_tower", "entity_heads", "dcsm")  # the served models it sends its work to
+RESCORE_CALLS = ("text_tower", ENTITY_QUERY.name, ENTITY_PAIR.name, DCSM.name)  # the models it sends work to
 RESCORE_OUTPUTS = tuple(TensorSpec(n, "float32", ("batch",))
                         for n in ("cosine", "match_prob", "entity_score", "dcsm_logit"))
 _RESCORE_MODEL = Path(__file__).with_name("triton_rescore_model.py")
@@ -266,20 +268,27 @@ def _dynamic_batching(batching: Batching) -> str:
     return text + "}\n"
 
 
-def warmup_shape(spec: TensorSpec, sizes: Mapping[str, int]) -> list[int]:
-    """A tensor's dims after the batch axis at their largest: text axes at the full context."""
-    longest = {"text_length": sizes["context_length"], "explanation_length": sizes["context_length"]}
-    return [d if isinstance(d, int) else longest.get(d) or sizes[d] for d in spec.dims[1:]]
+def warmup_shape(spec: TensorSpec, sizes: Mapping[str, int], batch: int | None = None) -> list[int]:
+    """A tensor's dims at their largest, text axes at the full context: after the batch axis, or
+    (``batch`` given, for an unbatched model) all of them with ``batch`` candidates."""
+    longest = {"text_length": sizes["context_length"], "explanation_length": sizes["context_length"],
+               "dcsm_length": sizes.get("dcsm_text_length", 0), "batch": batch}
+    dims = spec.dims if batch is not None else spec.dims[1:]
+    return [d if isinstance(d, int) else longest.get(d) or sizes[d] for d in dims]
 
 
 def _warmup(component: ComponentSpec, sizes: Mapping[str, int], max_batch: int) -> str:
+    # A batched model is warmed at batch 1 and at its max; an unbatched one takes one request
+    # (batch_size 1) of full shapes, with as many candidates as a head call carries.
     samples = []
-    for batch in sorted({1, max_batch}):
+    for batch in (sorted({1, max_batch}) if component.batched else [max_batch]):
+        full = None if component.batched else batch
         inputs = "".join(
             f'    inputs {{\n      key: "{t.name}"\n      value: {{\n        data_type: {TRITON_TYPES[t.dtype]}\n'
-            f'        dims: [ {", ".join(map(str, warmup_shape(t, sizes)))} ]\n        zero_data: true\n'
+            f'        dims: [ {", ".join(map(str, warmup_shape(t, sizes, full)))} ]\n        zero_data: true\n'
             f"      }}\n    }}\n" for t in component.inputs)
-        samples.append(f'  {{\n    name: "batch_{batch}"\n    batch_size: {batch}\n{inputs}  }}')
+        size = batch if component.batched else 1
+        samples.append(f'  {{\n    name: "batch_{batch}"\n    batch_size: {size}\n{inputs}  }}')
     return "model_warmup [\n" + ",\n".join(samples) + "\n]\n"
 
 
@@ -294,15 +303,16 @@ def _accelerator(acc: TensorrtAccelerator) -> str:
 
 def model_config_text(component: ComponentSpec, manifest: ExportManifest, config: RepositoryConfig) -> str:
     batching = config.batching_for(component.name)
+    batched = component.batched  # else one query against its candidates: no Triton batch axis
     head = f'name: "{component.name}"\n'
     if config.target == "python":
         head += 'backend: "python"\n'
     else:
         head += f'platform: "{_PLATFORM[config.target]}"\n'
-    head += f"max_batch_size: {batching.max_batch_size}\n"
-    text = head + _tensors("input", component.inputs, manifest.sizes) + _tensors("output", component.outputs,
-                                                                                  manifest.sizes)
-    if batching.dynamic:
+    head += f"max_batch_size: {batching.max_batch_size if batched else 0}\n"
+    text = head + _tensors("input", component.inputs, manifest.sizes, batched) + _tensors(
+        "output", component.outputs, manifest.sizes, batched)
+    if batching.dynamic and batched:
         text += _dynamic_batching(batching)
     text += _instances_and_version(config.instances, config.kind, config.version)
     if config.tensorrt_accelerator is not None:
@@ -332,12 +342,11 @@ def ensemble_config_text(ensemble: Ensemble, manifest: ExportManifest, config: R
 
 
 def rescore_config_text(manifest: ExportManifest, config: RepositoryConfig) -> str:
-    pair_batch = min(config.batching_for(c).max_batch_size for c in ("entity_heads", "dcsm"))
     text = f'name: "{RESCORE_NAME}"\nbackend: "python"\nmax_batch_size: 0\n'
     text += _tensors("input", RESCORE_INPUTS, manifest.sizes, batched=False)
     text += _tensors("output", RESCORE_OUTPUTS, manifest.sizes, batched=False)
     text += _instances_and_version(config.rescore_instances or config.instances, "KIND_CPU", config.version)
-    return text + _parameters({**identity_parameters(manifest), "clipmatch_pair_batch": str(pair_batch)})
+    return text + _parameters(identity_parameters(manifest))
 
 
 # -- writing ------------------------------------------------------------------------------------

@@ -14,10 +14,13 @@ __all__ = ["ImageEncoding", "TextEncoding", "RescoreResult"]
 class ImageEncoding:
     """embeds: (N, D) L2-normalised pooled embeddings, for cosine retrieval.
     tokens: (N, P, D) L2-normalised CLS + patch tokens, for rescoring (worth caching).
+    vision_experts: (N, K, D) the entity heads' image part, computed from the tokens
+        (``Matcher.with_vision_experts``; worth caching too), or None.
     """
 
     embeds: np.ndarray
     tokens: np.ndarray
+    vision_experts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         e, t = np.asarray(self.embeds), np.asarray(self.tokens)
@@ -26,13 +29,21 @@ class ImageEncoding:
         if e.shape[0] != t.shape[0] or e.shape[1] != t.shape[2]:
             raise ShapeError(f"ImageEncoding embeds {e.shape} and tokens {t.shape} do not fit together "
                              "(N and D must agree)")
+        v = self.vision_experts
+        if v is not None and (np.ndim(v) != 3 or v.shape[0] != e.shape[0] or v.shape[2] != e.shape[1]):
+            raise ShapeError(f"ImageEncoding vision_experts must be (N, K, D) = ({e.shape[0]}, K, {e.shape[1]}), "
+                             f"got {np.shape(v)}")
 
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
 
     def __getitem__(self, index) -> "ImageEncoding":
         index = [index] if isinstance(index, (int, np.integer)) else index
-        return ImageEncoding(self.embeds[index], self.tokens[index])
+        experts = None if self.vision_experts is None else self.vision_experts[index]
+        return ImageEncoding(self.embeds[index], self.tokens[index], experts)
+
+    def with_vision_experts(self, vision_experts: np.ndarray) -> "ImageEncoding":
+        return ImageEncoding(self.embeds, self.tokens, vision_experts)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 from .config import DEFAULT_CONFIG, RuntimeConfig
-from .contract import COMPONENTS, DCSM, ENTITY_HEADS
+from .contract import COMPONENTS, DCSM, ENTITY_PARTS
 from .errors import BackendError, DependencyError, IncompatibleModelError
 from .executor import validate_feeds
 from .manifest import ExportManifest
@@ -328,7 +328,7 @@ class Remote(Matcher):
         files = ModelFiles.load(export_dir)
         executor = TritonExecutor(url, files.manifest, options, source=str(export_dir))
         try:
-            heads = {ENTITY_HEADS.name, DCSM.name} <= set(files.manifest.components)
+            heads = {c.name for c in (*ENTITY_PARTS, DCSM)} <= set(files.manifest.components)
             self.served_rescore = heads and executor.serves(RESCORE_NAME)
             if self.served_rescore:  # then its identity is checked with the components'
                 executor.identity_models += (RESCORE_NAME,)
@@ -346,14 +346,15 @@ class Remote(Matcher):
         if not self.served_rescore or heads is not None or not isinstance(query, str) \
                 or not (explanation is None or isinstance(explanation, str)):
             return super().rescore(query, candidates, explanation=explanation, heads=heads)
-        cands = self.encode_images(candidates)
+        cands = self.with_vision_experts(self.encode_images(candidates))
         t = time.perf_counter()
         q = self._tokens(query)
         e = q if explanation is None else self._tokens(explanation)
         out = self.executor.rescore({
             "input_ids": q.input_ids, "attention_mask": q.attention_mask, "functional_ids": q.functional_ids,
             "explanation_ids": e.input_ids, "explanation_mask": e.attention_mask,
-            "image_tokens": cands.tokens,
+            "image_tokens": np.ascontiguousarray(cands.tokens, np.float32),
+            "vision_experts": np.ascontiguousarray(cands.vision_experts, np.float32),
         })
         return RescoreResult(cosine=out["cosine"], match_prob=out["match_prob"], entity_score=out["entity_score"],
                              dcsm=out["dcsm_logit"], explained=explanation is not None,

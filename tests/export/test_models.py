@@ -200,3 +200,41 @@ def test_pairwise_scoring_equals_row_aligned_rows():
         slow = experts(img[ii], txt[jj], tm[jj], exp[jj], em[jj])
     for name in ("image_cls", "text_cls", "image_experts", "text_experts", "image_star", "text_star"):
         torch.testing.assert_close(getattr(fast, name), getattr(slow, name), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("k", [1, 7])
+@pytest.mark.parametrize("explained", [True, False])
+def test_split_entity_heads_equal_the_unsplit_module(k, explained):
+    """Image part per image, query part once, pair part over K candidates: EntityHeads' numbers."""
+    from clipmatch_export.mmae import EntityImage, EntityPair, EntityQuery
+
+    heads = build_heads(CFG, seed=3).entity
+    image_tokens = unit(k, 5, 16, seed=4)
+    text_mask = masks([4], 6)  # padding in the text
+    text = unit(1, 6, 16, seed=5) * text_mask[..., None]
+    if explained:
+        expl_mask = masks([3], 5)  # and in the explanation
+        expl = unit(1, 5, 16, seed=6) * expl_mask[..., None]
+    else:  # the query stands in for its own explanation
+        expl, expl_mask = text, text_mask
+    with torch.no_grad():
+        want = heads(image_tokens, text.expand(k, -1, -1), text_mask.expand(k, -1), expl.expand(k, -1, -1),
+                     expl_mask.expand(k, -1))
+        vision = EntityImage(heads)(image_tokens)
+        query = EntityQuery(heads)(text, text_mask, expl, expl_mask)
+        got = EntityPair(heads)(image_tokens[:, 0], vision, *query, expl_mask)
+    assert vision.shape == (k, 2, 16) and query[1].shape == (1, 2, 2, 16) and query[2].shape == (1, 4, 2)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scorer", ["tokens", "cnn"])
+def test_dcsm_scores_a_query_cut_to_its_length_once_for_all_candidates(scorer):
+    cfg = HeadsConfig(embed_dim=16, num_image_tokens=5, num_experts=2, dcsm_text_length=6, dcsm_scorer=scorer)
+    dcsm = build_heads(cfg, seed=2).dcsm
+    img, txt, mask, func = dcsm_batch()
+    q = slice(1, 2)  # the 4-token text with "not" in it
+    with torch.no_grad():
+        padded = dcsm(img, txt[q].expand(4, -1, -1), mask[q].expand(4, -1), func[q].expand(4, -1))
+        cut = dcsm(img, txt[q, :4], mask[q, :4], func[q, :4])  # batch 1, its own length
+    torch.testing.assert_close(cut, padded, atol=1e-5, rtol=0)

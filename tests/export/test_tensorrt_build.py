@@ -32,7 +32,7 @@ from clipmatch_export.tensorrt_build import (
     profile_shapes,
 )
 
-SIZES = {"embed_dim": 24, "image_size": 32, "num_image_tokens": 17, "dcsm_text_length": 16}
+SIZES = {"embed_dim": 24, "image_size": 32, "num_image_tokens": 17, "dcsm_text_length": 16, "num_experts": 2}
 RNG = ProfileRange(max_text_length=77)
 
 TRT_MISSING = "tensorrt not installed: TensorRT engines are built only where NVIDIA's TensorRT is available"
@@ -45,7 +45,7 @@ TRT_MISSING = "tensorrt not installed: TensorRT engines are built only where NVI
 def tiny_onnx(path, component: ComponentSpec, sizes=SIZES, *, rename=None, fixed_batch=None):
     """Every input is cast to float, averaged to one number per row and summed;
     each output is that sum broadcast to its contract shape. Outputs may only
-    have batch and fixed axes (image_tower, entity_heads, dcsm)."""
+    have batch and fixed axes (image_tower, entity_pair, dcsm)."""
     rename = rename or {}
 
     def dims(spec):  # ONNX dims: ints, or a symbol for a dynamic axis
@@ -106,7 +106,7 @@ def test_tiny_onnx_follows_the_contract(tmp_path):
     # The TensorRT tests below never run here; at least their graphs do.
     import onnxruntime as ort
 
-    for comp in (IMAGE_TOWER, DCSM, COMPONENTS["entity_heads"]):
+    for comp in (IMAGE_TOWER, DCSM, COMPONENTS["entity_pair"]):
         sess = ort.InferenceSession(str(tiny_onnx(tmp_path / comp.filename, comp)))
         opt = profile_shapes(comp, SIZES, ProfileRange(max_text_length=9, opt_batch=3))
         feeds = {t.name: np.ones(opt[t.name][1], dtype=t.dtype) for t in comp.inputs}
@@ -133,20 +133,23 @@ def test_profile_shapes_text_tower():
     }
 
 
-def test_profile_shapes_dcsm_has_fixed_text_length():
-    # DCSM's text axis is the manifest's dcsm_text_length, not the dynamic range.
+def test_profile_shapes_dcsm_takes_one_query_capped_at_its_text_length():
+    # DCSM's text is one query (batch 1) of its own length, at most the manifest's dcsm_text_length.
     assert profile_shapes(DCSM, SIZES, RNG) == {
         "image_tokens": ((1, 17, 24), (8, 17, 24), (64, 17, 24)),
-        "text_tokens": ((1, 16, 24), (8, 16, 24), (64, 16, 24)),
-        "text_mask": ((1, 16), (8, 16), (64, 16)),
-        "functional_ids": ((1, 16), (8, 16), (64, 16)),
+        "text_tokens": ((1, 2, 24), (1, 16, 24), (1, 16, 24)),
+        "text_mask": ((1, 2), (1, 16), (1, 16)),
+        "functional_ids": ((1, 2), (1, 16), (1, 16)),
     }
 
 
 def test_profile_shapes_explanations_share_the_text_range():
-    shapes = profile_shapes(COMPONENTS["entity_heads"], SIZES, RNG)
+    shapes = profile_shapes(COMPONENTS["entity_query"], SIZES, RNG)
     assert shapes["explanation_tokens"] == ((1, 2, 24), (8, 32, 24), (64, 77, 24))
     assert shapes["explanation_mask"] == shapes["text_mask"] == ((1, 2), (8, 32), (64, 77))
+    pair = profile_shapes(COMPONENTS["entity_pair"], SIZES, RNG)
+    assert pair["explanation_keys"] == ((1, 2, 2, 24), (1, 2, 32, 24), (1, 2, 77, 24))  # one query
+    assert pair["vision_experts"] == ((1, 2, 24), (8, 2, 24), (64, 2, 24))  # its candidates
 
 
 @pytest.mark.parametrize("comp", list(COMPONENTS.values()), ids=list(COMPONENTS))
@@ -439,7 +442,7 @@ def fake_trt(monkeypatch):
 
 
 def test_fake_build_engines_follow_the_contract(tmp_path, fake_trt):
-    comps = [IMAGE_TOWER, DCSM, COMPONENTS["entity_heads"]]
+    comps = [IMAGE_TOWER, DCSM, COMPONENTS["entity_pair"]]
     for c in comps:
         tiny_onnx(tmp_path / c.filename, c)
     plans = build_engines(tmp_path, comps, SIZES, RNG)
@@ -453,11 +456,12 @@ def test_fake_build_engines_follow_the_contract(tmp_path, fake_trt):
         [f"{c.name}.plan" for c in comps] + [TIMING_CACHE_NAME]
     )  # no temp files left behind
 
-    network, config = _Builder.last  # entity_heads, the last one built
+    network, config = _Builder.last  # entity_pair, the last one built
     assert network.flags == 0  # TensorRT 10: explicit batch always, no flag
     assert config.pools == {"WORKSPACE": 4 << 30}
     assert config.flags == {"FP16"}
-    assert config.profiles[0].shapes == profile_shapes(COMPONENTS["entity_heads"], SIZES, RNG)
+    dynamic = {n: s for n, s in profile_shapes(COMPONENTS["entity_pair"], SIZES, RNG).items() if s[0] != s[2]}
+    assert config.profiles[0].shapes == dynamic  # fully static inputs need no entry
 
 
 def test_fake_timing_cache_is_shared_and_reused(tmp_path, fake_trt):

@@ -324,3 +324,37 @@ def test_heads_training_is_bit_reproducible_on_several_threads(tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
     a, b = weights
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_heads_run_reads_its_tower_features_back(dataset, trained_dir, tmp_path, monkeypatch):
+    """Killed after the features were encoded: the next run does not encode them again, and ends
+    with the heads an uninterrupted run trains (and no features left behind)."""
+    import shutil
+
+    from safetensors.numpy import load_file
+
+    from clipmatch_export.train import heads_trainer
+    from clipmatch_export.train.state import FEATURES, STATE_DIR
+
+    records, _ = read_jsonl(dataset)
+    whole = shutil.copytree(trained_dir, tmp_path / "whole")
+    heads_trainer.train_heads(records, whole, HEADS, progress=False)
+    split = shutil.copytree(trained_dir, tmp_path / "split")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(heads_trainer, "_fit", killed)
+        with pytest.raises(KeyboardInterrupt):
+            heads_trainer.train_heads(records, split, HEADS, progress=False)
+    assert (split / STATE_DIR / FEATURES).is_file()
+
+    def never(*args, **kwargs):
+        raise AssertionError("features encoded again")
+
+    monkeypatch.setattr(heads_trainer, "compute_features", never)
+    heads_trainer.train_heads(records, split, HEADS, progress=False)
+    assert not (split / STATE_DIR / FEATURES).exists()
+    a, b = (load_file(str(d / "clipmatch_heads.safetensors")) for d in (whole, split))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -15,7 +15,7 @@ from PIL import Image
 pytest.importorskip("faiss")
 
 from clipmatch.errors import IncompatibleModelError, InputError, ShapeError  # noqa: E402
-from clipmatch.gallery_index import GalleryIndex, IndexWriter, build_index  # noqa: E402
+from clipmatch.gallery_index import GalleryIndex, IndexWriter, build_index, index_encoding  # noqa: E402
 from clipmatch.results import ImageEncoding  # noqa: E402
 
 
@@ -121,10 +121,14 @@ def test_progress_redraws_on_a_terminal_and_writes_lines_to_a_log():
 
 
 def test_index_writer_refuses_bad_rows_before_writing_and_cuts_back_a_failed_write(local, tmp_path):
-    enc = local.encode_images(write_images(tmp_path / "g", 4))
+    plain = local.encode_images(write_images(tmp_path / "g", 4))
+    enc = index_encoding(local, plain)
     w = IndexWriter(tmp_path / "idx", local.manifest)
+    with pytest.raises(ShapeError, match=r"1 paths need vision_experts \(1, 2, 24\) .*index_encoding"):
+        w.append(["a.png"], plain[0:1])
     w.append(["a.png"], enc[0:1])
-    sizes = {f: (tmp_path / "idx" / f).stat().st_size for f in ("embeds.f32", "tokens.f16", "images.jsonl")}
+    sizes = {f: (tmp_path / "idx" / f).stat().st_size
+             for f in ("embeds.f32", "tokens.f16", "experts.f32", "images.jsonl")}
     with pytest.raises(InputError, match=r"path 1 must be a str, got PosixPath"):
         w.append(["b.png", tmp_path / "c.png"], enc[1:3])
     with pytest.raises(InputError, match="a.png is already in the index"):
@@ -135,7 +139,7 @@ def test_index_writer_refuses_bad_rows_before_writing_and_cuts_back_a_failed_wri
         w.append(["b.png", "c.png"], enc[1:2])
     # A write that fails halfway (the tokens cannot be converted after the embeddings went
     # out) is cut back: the arrays never hold a row the commit log does not name.
-    broken = ImageEncoding(enc.embeds[1:2], np.full(enc.tokens[1:2].shape, "x", dtype=object))
+    broken = ImageEncoding(enc.embeds[1:2], np.full(enc.tokens[1:2].shape, "x", dtype=object), enc.vision_experts[1:2])
     with pytest.raises(ValueError):
         w.append(["b.png"], broken)
     assert {f: (tmp_path / "idx" / f).stat().st_size for f in sizes} == sizes

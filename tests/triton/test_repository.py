@@ -8,6 +8,7 @@ import pytest
 
 from clipmatch.errors import ModelNotFoundError
 from clipmatch.manifest import EXPORT_MANIFEST
+from clipmatch.contract import COMPONENTS
 from clipmatch.repository import Batching, RepositoryConfig, write_repository
 
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -37,9 +38,10 @@ def export_with_engines(export_copy):
 def test_every_config_parses_and_names_its_platform_and_file(export_with_engines, tmp_path, target, platform, file):
     out = tmp_path / "repo"
     names = write_repository(export_with_engines, out, RepositoryConfig(target=target))
-    assert names == ["image_tower", "text_tower", "entity_heads", "dcsm", "rescore", "encode_images", "encode_texts"]
+    assert names == ["image_tower", "text_tower", "entity_image", "entity_query", "entity_pair", "dcsm", "rescore",
+                     "encode_images", "encode_texts"]
     manifest = json.loads((export_with_engines / EXPORT_MANIFEST).read_text())
-    for name in names[:4]:
+    for name in names[:6]:
         cfg = parse(out / name / "config.pbtxt")
         assert cfg.name == name and cfg.platform == platform
         assert cfg.backend == ("python" if target == "python" else "")
@@ -47,7 +49,10 @@ def test_every_config_parses_and_names_its_platform_and_file(export_with_engines
         source = export_with_engines / manifest["components"][name]["tensorrt" if target == "tensorrt" else "fp32"]
         assert served.read_bytes() == source.read_bytes()
         assert (out / name / "1" / "model.py").exists() == (target == "python")
-        assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+        if COMPONENTS[name].batched:
+            assert cfg.max_batch_size == 64 and list(cfg.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+        else:  # one query against its candidates: Triton cannot batch it with other queries
+            assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching")
         kinds = model_config_pb2.ModelInstanceGroup
         assert cfg.instance_group[0].kind == {"python": kinds.KIND_CPU, "onnxruntime": kinds.KIND_AUTO,
                                               "tensorrt": kinds.KIND_GPU}[target]
@@ -61,7 +66,6 @@ def test_every_config_parses_and_names_its_platform_and_file(export_with_engines
 
 
 def test_config_matches_the_tensor_contract(export_copy, tmp_path):
-    from clipmatch.contract import COMPONENTS
 
     sizes = json.loads((export_copy / EXPORT_MANIFEST).read_text())["sizes"]
     write_repository(export_copy, tmp_path / "repo", RepositoryConfig(target="onnxruntime"))
@@ -72,7 +76,7 @@ def test_config_matches_the_tensor_contract(export_copy, tmp_path):
             for t, c in zip(served, contract):
                 assert model_config_pb2.DataType.Name(t.data_type) == {"float32": "TYPE_FP32",
                                                                        "int64": "TYPE_INT64"}[c.dtype]
-                want = [-1 if d is None else d for d in c.shape(sizes)[1:]] or [1]
+                want = [-1 if d is None else d for d in c.shape(sizes)[1 if spec.batched else 0:]] or [1]
                 assert list(t.dims) == want, (name, t.name)
 
 
@@ -84,7 +88,7 @@ def test_batching_and_instances_are_set_from_one_place(export_copy, tmp_path):
                               tensorrt_accelerator=TensorrtAccelerator(engine_cache_path="/cache"),
                               default_batching=Batching(16, True, (4, 8, 32), 200, max_queue_size=32,
                                                         queue_timeout_us=1000),
-                              batching={"dcsm": Batching(8, False)})
+                              batching={"entity_query": Batching(8, False)})
     write_repository(export_copy, tmp_path / "repo", config)
     tower = parse(tmp_path / "repo" / "image_tower" / "config.pbtxt")
     assert tower.max_batch_size == 16 and list(tower.dynamic_batching.preferred_batch_size) == [4, 8]
@@ -92,7 +96,7 @@ def test_batching_and_instances_are_set_from_one_place(export_copy, tmp_path):
     policy = tower.dynamic_batching.default_queue_policy
     assert (policy.max_queue_size, policy.default_timeout_microseconds) == (32, 1000)
     assert model_config_pb2.ModelQueuePolicy.TimeoutAction.Name(policy.timeout_action) == "REJECT"
-    assert tower.parameters["intra_op_thread_count"].string_value == "2"  # 16 cores / (4 graphs x 2 instances)
+    assert tower.parameters["intra_op_thread_count"].string_value == "1"  # 16 cores / (6 graphs x 2 instances)
     assert [(w.batch_size, list(w.inputs["pixel_values"].dims)) for w in tower.model_warmup] == \
         [(1, [3, 32, 32]), (16, [3, 32, 32])]
     trt = tower.optimization.execution_accelerators.gpu_execution_accelerator[0]
@@ -104,8 +108,8 @@ def test_batching_and_instances_are_set_from_one_place(export_copy, tmp_path):
     # No queue policy by default: with one, tritonserver 2.51's batcher stalls requests (see Batching).
     assert not parse(tmp_path / "defaults" / "text_tower" / "config.pbtxt").dynamic_batching.HasField(
         "default_queue_policy")
-    dcsm = parse(tmp_path / "repo" / "dcsm" / "config.pbtxt")
-    assert dcsm.max_batch_size == 8 and not dcsm.HasField("dynamic_batching")
+    query = parse(tmp_path / "repo" / "entity_query" / "config.pbtxt")
+    assert query.max_batch_size == 8 and not query.HasField("dynamic_batching")
     manifest = json.loads((export_copy / EXPORT_MANIFEST).read_text())
     assert (tmp_path / "repo" / "dcsm" / "1" / "model.onnx").read_bytes() == \
         (export_copy / manifest["components"]["dcsm"]["fp16"]).read_bytes()

@@ -40,7 +40,7 @@ def test_every_generated_repository_passes(export, tmp_path, target, precision):
     write_repository(source, tmp_path / "repo", RepositoryConfig(target=target, precision=precision))
     report = check_repository(tmp_path / "repo", gpus=1 if target == "tensorrt" else 0)
     assert report.ok, report.summary()
-    assert len(report.models) == 7
+    assert len(report.models) == 9
     assert any("TensorRT engine is not opened" in n for n in report.notes) == (target == "tensorrt")
 
 
@@ -68,7 +68,7 @@ def test_a_graph_with_a_symbolic_width_fails_as_the_backend_would(repo):
 def test_kind_gpu_is_refused_for_a_cpu_host_and_kind_auto_is_not(tiny_export_dir, tmp_path):
     write_repository(tiny_export_dir, tmp_path / "gpu", RepositoryConfig(target="onnxruntime", instance_kind="KIND_GPU"))
     problems = check_repository(tmp_path / "gpu", gpus=0).problems
-    assert len(problems) == 4 and all("KIND_GPU, but the host has no GPU" in p for p in problems), problems
+    assert len(problems) == 6 and all("KIND_GPU, but the host has no GPU" in p for p in problems), problems
     assert check_repository(tmp_path / "gpu", gpus=1).ok
     write_repository(tiny_export_dir, tmp_path / "auto", RepositoryConfig(target="onnxruntime"))
     assert check_repository(tmp_path / "auto", gpus=0).ok and check_repository(tmp_path / "auto", gpus=2).ok
@@ -92,8 +92,8 @@ def _edit(path, old, new):
      "encode_texts: step text_tower reads mask, which no input or step gives"),
     (("encode_images/config.pbtxt", "max_batch_size: 64", "max_batch_size: 128"),
      "encode_images: max_batch_size 128 exceeds step image_tower's 64"),
-    (("entity_heads/config.pbtxt", "versions: [ 1 ]", "versions: [ 2 ]"),
-     "entity_heads: version 2 is named in version_policy but has no folder"),
+    (("entity_pair/config.pbtxt", "versions: [ 1 ]", "versions: [ 2 ]"),
+     "entity_pair: version 2 is named in version_policy but has no folder"),
     (("text_tower/config.pbtxt", "dims: [ 77 ]", "dims: [ -1 ]"),
      "text_tower: warmup 'batch_1' feeds input_ids with dims [-1]"),
     (("dcsm/config.pbtxt", 'name: "dcsm"', 'name: "dcsm2"'),
@@ -136,7 +136,7 @@ def test_missing_files_and_mixed_exports_are_named(repo, other_export_dir, tmp_p
 
 def test_cli_check_exits_1_and_names_the_problems(repo, tiny_export_dir, tmp_path, capsys):
     assert main(["repository", str(tiny_export_dir), "--out", str(tmp_path / "ok"), "--check", "--gpus", "0"]) == 0
-    assert "7 models checked, 0 problems" in capsys.readouterr().out
+    assert "9 models checked, 0 problems" in capsys.readouterr().out
     _edit(repo / "dcsm" / "config.pbtxt", "KIND_AUTO", "KIND_GPU")
     assert main(["repository", "--check", "--out", str(repo), "--gpus", "0"]) == 1
     assert "problem: dcsm: instance_group KIND_GPU, but the host has no GPU" in capsys.readouterr().out

@@ -265,8 +265,8 @@ def test_a_repository_the_server_cannot_run_is_refused_with_the_cause(tiny_expor
     from clipmatch.repository import RepositoryConfig, write_repository
 
     write_repository(tiny_export_dir, tmp_path / "native", RepositoryConfig(target="onnxruntime"))
-    with pytest.raises(BackendError, match=r"needs the onnxruntime backend for dcsm, entity_heads, image_tower, "
-                                           r"text_tower.*--backend-directory DIR.*onnxruntime/libtriton_onnxruntime.so"):
+    with pytest.raises(BackendError, match=r"needs the onnxruntime backend for dcsm, entity_image, entity_pair, "
+                                           r"entity_query, image_tower, text_tower.*--backend-directory DIR.*onnxruntime/libtriton_onnxruntime.so"):
         TritonServer(tmp_path / "native", free_port(), free_port(), free_port(), backend_directory=[]).start()
     with pytest.raises(BackendError, match="is an export folder, not a model repository"):
         TritonServer(tiny_export_dir, free_port(), free_port(), free_port()).start()
@@ -392,7 +392,8 @@ def test_served_rescore_refuses_zero_candidates_by_name(remote):
         remote.executor.rescore({"input_ids": tok.input_ids, "attention_mask": tok.attention_mask,
                                  "functional_ids": tok.functional_ids, "explanation_ids": tok.input_ids,
                                  "explanation_mask": tok.attention_mask,
-                                 "image_tokens": np.zeros((0, p["num_image_tokens"], p["embed_dim"]), np.float32)})
+                                 "image_tokens": np.zeros((0, p["num_image_tokens"], p["embed_dim"]), np.float32),
+                                 "vision_experts": np.zeros((0, p["num_experts"], p["embed_dim"]), np.float32)})
 
 
 @pytest.mark.skipif(__import__("shutil").which("openssl") is None, reason="needs the openssl command for a certificate")

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipmatch.manifest import HEADS_MANIFEST, HeadsManifest, sha256_json
+from clipmatch.manifest import HEADS_MANIFEST, HeadsManifest, sha256_file, sha256_json
 from clipmatch.errors import IncompatibleModelError
 from clipmatch.preprocess import ImageConfig
 from clipmatch.tokenizer import ClipTokenizer
@@ -43,7 +43,7 @@ from .clip_trainer import _encode_images
 from .configs import HeadsTrainConfig
 from .data import Record
 from .loop import Progress, cosine_lr, deterministic, make_optimizer, seeded
-from .state import clear_state, load_state, save_state, saved_run
+from .state import clear_features, clear_state, load_features, load_state, save_features, save_state, saved_run
 
 
 @dataclass
@@ -97,8 +97,19 @@ def train_heads(records: Sequence[Record], model_dir: str | Path, config: HeadsT
         entity_rows = torch.cat([torch.tensor(keep, dtype=torch.long), len(records) + torch.arange(len(copies))])
         records += copies
     t0 = time.perf_counter()
-    feats = compute_features(records, clip, tokenizer, ImageConfig.from_preprocessor_config(files.preprocessor_config),
-                             heads_config.functional_words, progress=progress)
+    key = sha256_json({"records": [_signature(r) for r in records], "weights": [sha256_file(w) for w in files.weights],
+                       "tokenizer": tokenizer.identity, "functional_words": list(heads_config.functional_words)})
+    saved = load_features(model_dir, key)
+    if saved is not None:
+        feats = Features(**{f.name: saved.get(f.name) for f in dataclasses.fields(Features)})
+        if progress:
+            print(f"tower features for {len(records)} records read back from the interrupted run")
+    else:
+        feats = compute_features(records, clip, tokenizer,
+                                 ImageConfig.from_preprocessor_config(files.preprocessor_config),
+                                 heads_config.functional_words, progress=progress)
+        save_features(model_dir, key, {f.name: getattr(feats, f.name) for f in dataclasses.fields(Features)
+                                       if getattr(feats, f.name) is not None})
     timings = {"features": round(time.perf_counter() - t0, 1)}
     run = {"config": asdict(config), "data": sha256_json([r.caption for r in records] + [str(r.image) for r in records])}
     # A run killed during the entity stage saved every head, DCSM included: resume there.
@@ -115,9 +126,21 @@ def train_heads(records: Sequence[Record], model_dir: str | Path, config: HeadsT
              run | {"stage": "entity"}, progress)
         timings["entity"] = round(time.perf_counter() - t0, 1)
     manifest = save_heads(heads.eval(), model_dir)
+    clear_features(model_dir)
     (model_dir / "training_heads.json").write_text(json.dumps(
         {"stage": "heads", "config": asdict(config), "records": len(records), "seconds": timings}, indent=2))
     return manifest
+
+
+def _signature(record: Record) -> list:
+    """What a record's features depend on: its texts, and its images by path, size and mtime."""
+    def image(path):
+        if path is None:
+            return None
+        stat = Path(path).stat()
+        return [str(path), stat.st_size, stat.st_mtime_ns]
+    return [record.caption, record.explanation, list(record.negative_captions),
+            record.extra.get("negative_explanations"), image(record.image), image(record.negative_image)]
 
 
 def _keep_trained(heads: ClipmatchHeads, model_dir: Path, modules: Sequence[str]) -> None:
@@ -323,19 +346,32 @@ def anonymised_copies(records: Sequence[Record], seed: int) -> tuple[list[Record
 def compute_features(records: Sequence[Record], clip, tokenizer: ClipTokenizer, image_config: ImageConfig,
                      functional_words: Sequence[str], *, batch: int = 256, progress: bool = True) -> Features:
     image_tower, text_tower = ImageTower(clip).eval(), TextTower(clip).eval()
+    # Images and texts encoded, counted as they go: every record's image and caption and
+    # explanation, and its negatives where it has them.
+    n = len(records)
+    more = min(_MORE_NEGATIVES, max((len(r.negative_captions) - 1 for r in records), default=0))
+    total = n * (3 + more) + sum(r.negative_image is not None for r in records) + \
+        2 * n * any(r.negative_captions for r in records)
+    bar = Progress(total, enabled=progress, desc="tower features", unit="items")
 
     def images(paths):
         pixels = _encode_images(paths, image_config)
-        return torch.cat([image_tower(pixels[i:i + batch].float())[1].half() for i in range(0, len(paths), batch)])
+        out = []
+        for i in range(0, len(paths), batch):
+            out.append(image_tower(pixels[i:i + batch].float())[1].half())
+            bar.update(len(out[-1]))
+        return torch.cat(out)
 
     def texts(items):
         tok = tokenizer(items, functional_words=functional_words)
         ids, mask = torch.from_numpy(tok.input_ids), torch.from_numpy(tok.attention_mask)
-        out = torch.cat([text_tower(ids[i:i + batch], mask[i:i + batch])[1].half() for i in range(0, len(items), batch)])
-        return out, mask, torch.from_numpy(tok.functional_ids)
+        out = []
+        for i in range(0, len(items), batch):
+            out.append(text_tower(ids[i:i + batch], mask[i:i + batch])[1].half())
+            bar.update(len(out[-1]))
+        return torch.cat(out), mask, torch.from_numpy(tok.functional_ids)
 
     t0 = time.perf_counter()
-    n = len(records)
     caps = [r.caption for r in records]
     expl = [r.explanation or r.caption for r in records]
     img = images([r.image for r in records])
@@ -367,6 +403,7 @@ def compute_features(records: Sequence[Record], clip, tokenizer: ClipTokenizer, 
         feats.more_caption_functional = func.view(n, x, -1)
         feats.has_more_caption = torch.tensor([[j < len(r.negative_captions) for j in range(1, x + 1)]
                                                for r in records])
+    bar.close()
     if progress:
         print(f"tower features for {n} records in {time.perf_counter() - t0:.1f} s")
     return feats
