@@ -41,11 +41,11 @@ import numpy as np
 from PIL import Image
 
 import clipmatch
-from clipmatch.explainers import CachedExplainer, KnowledgeBaseExplainer
-from clipmatch.gallery_index import GalleryIndex, IndexWriter, build_index
+from clipmatch.explain.explainers import CachedExplainer, KnowledgeBaseExplainer
 from clipmatch.results import ImageEncoding
-from clipmatch.search import Searcher
-from clipmatch_export.evaluate import _examples
+from clipmatch.retrieval.index import GalleryIndex, IndexWriter, build_index
+from clipmatch.retrieval.search import Searcher
+from clipmatch_export.evaluation.evaluate import _examples
 from clipmatch_export.exporter import ExportOptions, export_model
 from clipmatch_export.synth.entities import knowledge_base
 from clipmatch_export.synth.world import render
@@ -237,8 +237,8 @@ def main() -> None:
             del index
 
         if args.triton:
-            from clipmatch.repository import RepositoryConfig, write_repository
-            from clipmatch.server import TritonServer, free_port
+            from clipmatch.serving.repository import RepositoryConfig, write_repository
+            from clipmatch.serving.server import TritonServer, free_port
 
             index = GalleryIndex.open(tmp / f"synthetic_{max(sizes)}")
             write_repository(export, tmp / "repository", RepositoryConfig(target="python"))

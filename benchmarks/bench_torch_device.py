@@ -33,14 +33,14 @@ import numpy as np
 import torch
 
 from clipmatch.contract import DCSM, ENTITY_IMAGE, ENTITY_PAIR, ENTITY_QUERY, IMAGE_TOWER, TEXT_TOWER
-from clipmatch.tokenizer import ClipTokenizer
-from clipmatch_export.clip_loader import load_clip
+from clipmatch.inputs.tokenizer import ClipTokenizer
 from clipmatch_export.exporter import ExportOptions, export_model
-from clipmatch_export.heads import load_heads
-from clipmatch_export.mmae import EntityImage, EntityPair, EntityQuery
+from clipmatch_export.models.clip_loader import load_clip
+from clipmatch_export.models.heads import load_heads
+from clipmatch_export.models.mmae import EntityImage, EntityPair, EntityQuery
+from clipmatch_export.models.towers import ImageTower, TextTower
 from clipmatch_export.onnx_export import run_torch
 from clipmatch_export.parity import TokenIds, random_inputs
-from clipmatch_export.towers import ImageTower, TextTower
 
 
 def median_ms(fn, repeats: int, sync=lambda: None) -> float:
@@ -74,9 +74,7 @@ def main() -> int:
 
     keep = tempfile.TemporaryDirectory()
     if args.vit_b32:
-        from clipmatch_export.tiny import add_random_heads
-
-        from clipmatch_export.tiny import build_vit_b32
+        from clipmatch_export.tiny import add_random_heads, build_vit_b32
 
         args.model = build_vit_b32(Path(keep.name) / "vit-b32")
         add_random_heads(args.model, seed=0, dcsm_text_length=30)

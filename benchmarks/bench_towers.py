@@ -34,7 +34,7 @@ from transformers import CLIPModel
 import clipmatch
 from clipmatch_export import tiny
 from clipmatch_export.exporter import ExportOptions, export_model
-from clipmatch_export.towers import ImageTower, TextTower
+from clipmatch_export.models.towers import ImageTower, TextTower
 
 CAPTIONS = [
     "a red cube to the left of a small blue ball",

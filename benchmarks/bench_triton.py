@@ -48,12 +48,12 @@ from pathlib import Path
 import numpy as np
 
 import clipmatch
-from clipmatch.explainers import CachedExplainer, KnowledgeBaseExplainer
-from clipmatch.gallery_index import GalleryIndex, build_index
-from clipmatch.repository import RepositoryConfig, with_batching, write_repository
-from clipmatch.repository_check import check_repository
-from clipmatch.search import Searcher
-from clipmatch.server import BACKENDS_ENV, TritonServer, free_port
+from clipmatch.explain.explainers import CachedExplainer, KnowledgeBaseExplainer
+from clipmatch.retrieval.index import GalleryIndex, build_index
+from clipmatch.retrieval.search import Searcher
+from clipmatch.serving.repository import RepositoryConfig, with_batching, write_repository
+from clipmatch.serving.repository_check import check_repository
+from clipmatch.serving.server import BACKENDS_ENV, TritonServer, free_port
 from clipmatch_export.exporter import ExportOptions, export_model
 from clipmatch_export.synth.entities import knowledge_base
 
@@ -125,7 +125,7 @@ def batching_on_off(export: Path, tmp: Path, local, images, in_flight: int, seco
     on = RepositoryConfig(target="python", threads_per_model=1)
     write_repository(export, tmp / "batching_on", on)
     write_repository(export, tmp / "batching_off", with_batching(on, dynamic=False))
-    from clipmatch.preprocess import preprocess_images
+    from clipmatch.inputs.preprocess import preprocess_images
 
     tok = local.files.tokenizer(TEXTS[:1])
     width = int(tok.lengths[0])

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+.venv/bin/ruff check .   # the house linter (pyproject.toml), before the tests
 .venv/bin/python -m pytest -q "$@"

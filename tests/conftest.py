@@ -52,10 +52,13 @@ def local(tiny_export_dir):
     return clipmatch.Local(tiny_export_dir, intra_op_threads=1)
 
 
-def sdk_only_env() -> dict[str, str]:
-    """Environment for a subprocess that must find clipmatch but must not find torch."""
+def sdk_only_env(blocked: str | None = None) -> dict[str, str]:
+    """Environment for a subprocess that must find clipmatch but must not find torch
+    (nor, by default, clipmatch_export; ``blocked`` names what else to hide)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests" / "no_torch"), str(REPO / "sdk")])
+    if blocked is not None:
+        env["CLIPMATCH_TEST_BLOCK"] = blocked
     return env
 
 

@@ -26,5 +26,5 @@ def test_demo_runs_the_default_model_in_process_and_on_triton():
     assert diff <= 1e-5
     # The held-out entity query: read through its explanation, the heads find it; cosine does not.
     block = text[text.index("[entity (held-out)]"):]
-    heads = re.search(r"\| mmae/gi-itm \| (.+?) \|", block).group(1)
+    heads = re.search(r"\| match_prob \| (.+?) \|", block).group(1)
     assert heads.split()[0] == "yes", block[:600]

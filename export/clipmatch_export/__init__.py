@@ -2,6 +2,6 @@
 
 Installed with ``pip install 'clipmatch[export,cpu]'``; the SDK (``clipmatch``)
 never imports it. Submodules are imported by name (``clipmatch_export.exporter``,
-``clipmatch_export.heads``, ...) so that a light one, such as the tokenizer
+``clipmatch_export.models.heads``, ...) so that a light one, such as the tokenizer
 builder, does not pull in torch and transformers.
 """

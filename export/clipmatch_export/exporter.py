@@ -12,29 +12,45 @@ import itertools
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch.nn as nn
 
-from clipmatch.contract import (COMPONENTS, DCSM, ENTITY_IMAGE, ENTITY_PAIR, ENTITY_QUERY, HEADS, IMAGE_TOWER, TEXT_TOWER,
-                                TOWERS, ComponentSpec)
+from clipmatch.contract import (
+    COMPONENTS,
+    DCSM,
+    ENTITY_IMAGE,
+    ENTITY_PAIR,
+    ENTITY_QUERY,
+    HEADS,
+    IMAGE_TOWER,
+    TEXT_TOWER,
+    TOWERS,
+    ComponentSpec,
+)
 from clipmatch.errors import IncompatibleModelError, ModelNotFoundError, ParityError
-from clipmatch.manifest import (EXPORT_MANIFEST, HEADS_MANIFEST, PARITY_REPORT, ExportManifest, HeadsConfig,
-                                sha256_file, sha256_json)
+from clipmatch.inputs.tokenizer import ClipTokenizer
+from clipmatch.manifest import (
+    EXPORT_MANIFEST,
+    HEADS_MANIFEST,
+    PARITY_REPORT,
+    ExportManifest,
+    HeadsConfig,
+    sha256_file,
+    sha256_json,
+)
 from clipmatch.progress import Progress
-from clipmatch.tokenizer import ClipTokenizer
-
-from .clip_loader import load_clip
-from .heads import load_heads
-from .mmae import EntityImage, EntityPair, EntityQuery
-from .onnx_export import OPSET, convert_fp16, export_component, pin_io_shapes, run_onnx, run_torch, set_metadata
-from .parity import FP16, FP32, ParityReport, TokenIds, Tolerance, compare, random_inputs
-from .towers import ImageTower, TextTower
-from .versions import versions
+from clipmatch_export.models.clip_loader import load_clip
+from clipmatch_export.models.heads import load_heads
+from clipmatch_export.models.mmae import EntityImage, EntityPair, EntityQuery
+from clipmatch_export.models.towers import ImageTower, TextTower
+from clipmatch_export.onnx_export import OPSET, convert_fp16, export_component, pin_io_shapes, run_onnx, run_torch, set_metadata
+from clipmatch_export.parity import FP16, FP32, ParityReport, TokenIds, Tolerance, compare, random_inputs
+from clipmatch_export.versions import versions
 
 
 @dataclass(frozen=True)

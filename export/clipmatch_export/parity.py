@@ -6,8 +6,8 @@ masks of varied lengths, functional-word ids at real positions only.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import numpy as np
 

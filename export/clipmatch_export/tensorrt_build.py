@@ -44,29 +44,17 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 
 from clipmatch.contract import ComponentSpec
-from clipmatch.errors import (
-    DependencyError,
-    ExportError,
-    IncompatibleModelError,
-    ModelNotFoundError,
-)
+from clipmatch.errors import DependencyError, ExportError, IncompatibleModelError, ModelNotFoundError
 
-__all__ = [
-    "build_for_export",
-    "ProfileRange",
-    "profile_shapes",
-    "build_engine",
-    "build_engines",
-    "load_engine_io",
-    "TIMING_CACHE_NAME",
-]
+__all__ = ["build_for_export", "ProfileRange", "profile_shapes",
+           "build_engine", "build_engines", "load_engine_io", "TIMING_CACHE_NAME"]
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,9 @@ import torch
 from tokenizers import Tokenizer
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-from clipmatch.checkpoint import inspect_checkpoint
-
-from .heads import build_heads, heads_config_for, save_heads
-from .tokenizer_build import default_corpus, train_clip_tokenizer
+from clipmatch_export.checkpoint import inspect_checkpoint
+from clipmatch_export.models.heads import build_heads, heads_config_for, save_heads
+from clipmatch_export.tokenizer_build import default_corpus, train_clip_tokenizer
 
 
 def build_tiny_clip(

@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer, pre_tokenizers
 
-from clipmatch.tokenizer import BOS_TOKEN as BOS
-from clipmatch.tokenizer import EOS_TOKEN as EOS
-from clipmatch.tokenizer import build_clip_backend
+from clipmatch.inputs.tokenizer import BOS_TOKEN as BOS
+from clipmatch.inputs.tokenizer import EOS_TOKEN as EOS
+from clipmatch.inputs.tokenizer import build_clip_backend
 
 __all__ = [
     "BOS",

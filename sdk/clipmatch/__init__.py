@@ -6,17 +6,37 @@
 
 Importing clipmatch never imports torch.
 """
-from . import aio
-from .config import RuntimeConfig
-from .errors import (BackendError, ClipmatchError, DependencyError, ExplainerError, ExportError, ImageError,
-                     IncompatibleModelError, InputError, ModelError, ModelNotFoundError, ParityError,
-                     ShapeError, TextError)
-from .explainers import (CachedExplainer, Explanation, KnowledgeBaseExplainer, OpenAIExplainer,
-                         TransformersExplainer)
-from .local import Local
-from .matcher import Matcher
-from .results import ImageEncoding, RescoreResult, TextEncoding
-from .triton_executor import Remote, TritonOptions, connect
+from clipmatch import aio
+from clipmatch.backends.local import Local
+from clipmatch.backends.triton import Remote, TritonOptions, connect
+from clipmatch.config import RuntimeConfig
+from clipmatch.errors import (
+    BackendError,
+    ClipmatchError,
+    ConfigError,
+    DependencyError,
+    ExplainerError,
+    ExportError,
+    ImageError,
+    IncompatibleModelError,
+    InputError,
+    ModelError,
+    ModelNotFoundError,
+    ParityError,
+    ShapeError,
+    TextError,
+)
+from clipmatch.explain.explainers import (
+    CachedExplainer,
+    Explanation,
+    KnowledgeBaseExplainer,
+    OpenAIExplainer,
+    TransformersExplainer,
+)
+from clipmatch.matcher import Matcher
+from clipmatch.results import ImageEncoding, RescoreResult, TextEncoding
+from clipmatch.retrieval.index import GalleryIndex, build_index
+from clipmatch.retrieval.search import Searcher, SearchHit, SearchResult
 
 __version__ = "0.1.0"
 
@@ -24,10 +44,13 @@ __all__ = [
     "BackendError",
     "CachedExplainer",
     "ClipmatchError",
+    "ConfigError",
     "DependencyError",
     "ExplainerError",
     "Explanation",
     "ExportError",
+    "GalleryIndex",
+    "SearchHit",
     "ImageEncoding",
     "ImageError",
     "IncompatibleModelError",
@@ -42,11 +65,15 @@ __all__ = [
     "Remote",
     "RescoreResult",
     "RuntimeConfig",
+    "SearchResult",
+    "Searcher",
     "ShapeError",
     "TextEncoding",
+    "TextError",
     "TransformersExplainer",
     "TritonOptions",
-    "connect",
     "__version__",
     "aio",
+    "build_index",
+    "connect",
 ]

@@ -14,9 +14,9 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULT_CONFIG, RuntimeConfig
-from .matcher import Matcher
-from .triton_executor import Remote, TritonOptions
+from clipmatch.backends.triton import Remote, TritonOptions
+from clipmatch.config import DEFAULT_CONFIG, RuntimeConfig
+from clipmatch.matcher import Matcher
 
 __all__ = ["AsyncMatcher", "connect"]
 
@@ -44,7 +44,7 @@ class AsyncMatcher:
         if close is not None:
             await asyncio.to_thread(close)
 
-    async def __aenter__(self) -> "AsyncMatcher":
+    async def __aenter__(self) -> AsyncMatcher:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from clipmatch.errors import ConfigError
+
 __all__ = ["RuntimeConfig", "DEFAULT_CONFIG"]
 
 PRECISIONS = ("fp32", "fp16")
@@ -37,19 +39,19 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         for name in ("image_batch_size", "text_batch_size", "pair_batch_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(self.allow_spinning, bool):
-            raise ValueError(f"allow_spinning must be a bool, got {self.allow_spinning!r}")
+            raise ConfigError(f"allow_spinning must be a bool, got {self.allow_spinning!r}")
         if self.intra_op_threads is not None and self.intra_op_threads < 1:
-            raise ValueError(f"intra_op_threads must be positive, got {self.intra_op_threads}")
+            raise ConfigError(f"intra_op_threads must be positive, got {self.intra_op_threads}")
         if isinstance(self.providers, list):
             object.__setattr__(self, "providers", tuple(self.providers))
 
-    def replace(self, **changes) -> "RuntimeConfig":
+    def replace(self, **changes) -> RuntimeConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -21,8 +21,10 @@ is float32 at the interface, also in fp16 graphs, which cast inside.
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any
 
 __all__ = [
     "TensorSpec",
@@ -194,5 +196,35 @@ DCSM = ComponentSpec(
 )
 
 TOWERS = (IMAGE_TOWER, TEXT_TOWER)
+# The rescoring heads as selectors name them (API, CLI): the entity parts serve one head.
+HEAD_NAMES = ("entity", "dcsm")
 HEADS = (*ENTITY_PARTS, DCSM)
 COMPONENTS: dict[str, ComponentSpec] = {c.name: c for c in TOWERS + HEADS}
+
+
+# The rescoring job a server may offer as one model: one query (one row) against K cached
+# candidates, with their tokens and vision experts (both cached per image). Not an
+# ensemble: an ensemble's steps share one batch size, so a Python-backend model calls the
+# components instead (serving/triton_models/rescore_model.py). Dims here are full shapes.
+RESCORE_NAME = "rescore"
+RESCORE_INPUTS = (
+    _i64("input_ids", 1, "text_length"),
+    _i64("attention_mask", 1, "text_length"),
+    _i64("explanation_ids", 1, "explanation_length"),
+    _i64("explanation_mask", 1, "explanation_length"),
+    _i64("functional_ids", 1, "text_length"),
+    _IMAGE_TOKENS,
+    _f32("vision_experts", "batch", "num_experts", "embed_dim"),
+)
+RESCORE_CALLS = (TEXT_TOWER.name, ENTITY_QUERY.name, ENTITY_PAIR.name, DCSM.name)  # the models it sends work to
+RESCORE_OUTPUTS = tuple(_f32(n, "batch") for n in ("cosine", "match_prob", "entity_score", "dcsm_logit"))
+
+# Every served model carries its export's identity as config parameters, so a client can
+# check that the server runs the model it was built against (backends/triton.py).
+IDENTITY_PARAMETERS = ("clipmatch_model_identity", "clipmatch_tokenizer_identity", "clipmatch_sizes")
+
+
+def identity_parameters(manifest: Any) -> dict[str, str]:
+    """The identity parameters of an export manifest (anything with the three fields)."""
+    return dict(zip(IDENTITY_PARAMETERS, (manifest.model_identity, manifest.tokenizer_identity,
+                                          json.dumps(manifest.sizes, sort_keys=True))))

@@ -35,6 +35,7 @@ __all__ = [
     "BackendError",
     "ExplainerError",
     "DependencyError",
+    "ConfigError",
 ]
 
 
@@ -52,6 +53,10 @@ class ModelNotFoundError(ModelError, FileNotFoundError):
 
 class IncompatibleModelError(ModelError):
     """The files exist but describe something clipmatch cannot serve."""
+
+
+class ConfigError(ClipmatchError, ValueError):
+    """A configuration object or option holds a value clipmatch cannot use (named in the message)."""
 
 
 class InputError(ClipmatchError, ValueError):

@@ -7,12 +7,13 @@ wrong shape or dtype is reported with the tensor's name and both shapes.
 """
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+from collections.abc import Mapping
+from typing import Protocol
 
 import numpy as np
 
-from .contract import COMPONENTS
-from .errors import ShapeError
+from clipmatch.contract import COMPONENTS
+from clipmatch.errors import ShapeError
 
 __all__ = ["Executor", "validate_feeds"]
 

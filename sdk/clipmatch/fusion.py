@@ -3,7 +3,7 @@
 Within one candidate list each score is z-scored (GI-ITM's match probability
 as a logit first), and the fused score is the weighted sum:
 
-    fused = w_cosine * z(cosine) + w_itm * z(logit(match_prob)) + w_dcsm * z(dcsm)
+    fused = w_cosine * z(cosine) + w_match_prob * z(logit(match_prob)) + w_dcsm * z(dcsm)
 
 A head that was not run adds nothing. Z-scoring makes the weights
 scale-free: they say how much each score's *ranking* counts, whatever the
@@ -20,41 +20,47 @@ ones) is the fallback for a model without fitted weights.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
+from clipmatch.errors import ConfigError
+
 __all__ = ["FusionWeights", "Fusion", "Shortlists", "zscore", "logit", "fuse"]
 
-SCORES = ("cosine", "itm", "dcsm")
+SCORES = ("cosine", "match_prob", "dcsm")
+# Names earlier manifests used for a score, read as today's.
+_ALIASES = {"itm": "match_prob"}
 
 
 @dataclass(frozen=True)
 class FusionWeights:
     cosine: float = 1.0
-    itm: float = 1.0
+    match_prob: float = 1.0
     dcsm: float = 1.0
 
     def __post_init__(self) -> None:
         for name in SCORES:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
-                raise ValueError(f"fusion weight {name} must be a finite number >= 0, got {value!r}")
+                raise ConfigError(f"fusion weight {name} must be a finite number >= 0, got {value!r}")
         if not any(getattr(self, name) for name in SCORES):
-            raise ValueError("fusion weights are all 0: every candidate would score the same")
+            raise ConfigError("fusion weights are all 0: every candidate would score the same")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], what: str = "fusion weights") -> "FusionWeights":
+    def from_dict(cls, d: Mapping[str, Any], what: str = "fusion weights") -> FusionWeights:
         if not isinstance(d, Mapping):
-            raise ValueError(f"{what} must be an object of {SCORES}, got {type(d).__name__}")
+            raise ConfigError(f"{what} must be an object of {SCORES}, got {type(d).__name__}")
+        d = {_ALIASES.get(k, k): v for k, v in d.items()}
         unknown = set(d) - set(SCORES)
         if unknown:
-            raise ValueError(f"{what} has unknown scores {sorted(unknown)}; known: {SCORES}")
+            raise ConfigError(f"{what} has unknown scores {sorted(unknown)}; known: {SCORES}")
         try:
             return cls(**d)
-        except ValueError as exc:
-            raise ValueError(f"{what}: {exc}") from None
+        except ConfigError as exc:
+            raise ConfigError(f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -72,10 +78,10 @@ class Fusion:
         return {"plain": asdict(self.plain), "explained": asdict(self.explained), "fitted": dict(self.fitted)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Fusion":
+    def from_dict(cls, d: Mapping[str, Any]) -> Fusion:
         missing = [k for k in ("plain", "explained") if k not in d]
         if missing:
-            raise ValueError(f"fusion needs the weight sets 'plain' and 'explained'; {missing} missing")
+            raise ConfigError(f"fusion needs the weight sets 'plain' and 'explained'; {missing} missing")
         return cls(FusionWeights.from_dict(d["plain"], "fusion set 'plain'"),
                    FusionWeights.from_dict(d["explained"], "fusion set 'explained'"), dict(d.get("fitted") or {}))
 
@@ -95,7 +101,7 @@ def fuse(weights: FusionWeights, cosine: np.ndarray, match_prob: np.ndarray | No
     """The fused score of each candidate (last axis: the candidate list)."""
     fused = weights.cosine * zscore(np.asarray(cosine, np.float64))
     if match_prob is not None:
-        fused = fused + weights.itm * zscore(logit(np.asarray(match_prob, np.float64)))
+        fused = fused + weights.match_prob * zscore(logit(np.asarray(match_prob, np.float64)))
     if dcsm is not None:
         fused = fused + weights.dcsm * zscore(np.asarray(dcsm, np.float64))
     return fused

@@ -15,12 +15,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from .errors import IncompatibleModelError, ModelNotFoundError
-from .fusion import Fusion
+from clipmatch.errors import ConfigError, IncompatibleModelError, ModelNotFoundError
+from clipmatch.fusion import Fusion
 
 __all__ = [
     "DEFAULT_FUNCTIONAL_WORDS",
@@ -78,22 +79,22 @@ class HeadsConfig:
                      "dcsm_width", "dcsm_layers", "dcsm_heads", "dcsm_channels", "dcsm_hidden"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"HeadsConfig.{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"HeadsConfig.{name} must be a positive int, got {value!r}")
         if self.dcsm_scorer not in ("tokens", "cnn"):
-            raise ValueError(f"HeadsConfig.dcsm_scorer must be 'tokens' or 'cnn', got {self.dcsm_scorer!r}")
+            raise ConfigError(f"HeadsConfig.dcsm_scorer must be 'tokens' or 'cnn', got {self.dcsm_scorer!r}")
         if self.dcsm_scorer == "tokens":
             grid = math.isqrt(self.num_image_tokens - 1)
             if grid * grid != self.num_image_tokens - 1:
-                raise ValueError(f"the 'tokens' DCSM scorer needs CLS + a square patch grid; "
+                raise ConfigError(f"the 'tokens' DCSM scorer needs CLS + a square patch grid; "
                                  f"num_image_tokens={self.num_image_tokens} is not 1 + n*n")
             if self.dcsm_width % self.dcsm_heads:
-                raise ValueError(f"dcsm_width {self.dcsm_width} must be a multiple of dcsm_heads {self.dcsm_heads}")
+                raise ConfigError(f"dcsm_width {self.dcsm_width} must be a multiple of dcsm_heads {self.dcsm_heads}")
         words = tuple(self.functional_words)
         for w in words:
             if not isinstance(w, str) or not w or w != w.strip().lower() or " " in w:
-                raise ValueError(f"functional word {w!r} must be one lowercase word without spaces")
+                raise ConfigError(f"functional word {w!r} must be one lowercase word without spaces")
         if len(set(words)) != len(words):
-            raise ValueError(f"functional words repeat: {words}")
+            raise ConfigError(f"functional words repeat: {words}")
         object.__setattr__(self, "functional_words", words)
 
     @property
@@ -107,7 +108,7 @@ class HeadsConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "HeadsConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> HeadsConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -211,7 +212,7 @@ class HeadsManifest:
         return path
 
     @classmethod
-    def read(cls, model_dir: str | Path) -> "HeadsManifest":
+    def read(cls, model_dir: str | Path) -> HeadsManifest:
         path = Path(model_dir) / HEADS_MANIFEST
         data = read_json_object(path, "heads manifest")
         _check_format(data, path, cls.FORMAT, cls.VERSION)
@@ -266,7 +267,7 @@ class ExportManifest:
         return path
 
     @classmethod
-    def read(cls, export_dir: str | Path) -> "ExportManifest":
+    def read(cls, export_dir: str | Path) -> ExportManifest:
         root = Path(export_dir)
         if not root.is_dir():
             raise ModelNotFoundError(f"export folder not found: {root}")

@@ -8,24 +8,24 @@ onnxruntime, a Triton client plugs in the server.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
-from .config import RuntimeConfig
-from .contract import DCSM, ENTITY_IMAGE, ENTITY_PAIR, ENTITY_PARTS, ENTITY_QUERY, IMAGE_TOWER, TEXT_TOWER
-from .errors import IncompatibleModelError, InputError, ModelNotFoundError, ShapeError
-from .executor import Executor
-from .manifest import ExportManifest
-from .preprocess import ImageConfig, preprocess_images
-from .results import ImageEncoding, RescoreResult, TextEncoding
-from .tokenizer import ClipTokenizer
+from clipmatch.config import RuntimeConfig
+from clipmatch.contract import DCSM, ENTITY_IMAGE, ENTITY_PAIR, ENTITY_PARTS, ENTITY_QUERY, HEAD_NAMES, IMAGE_TOWER, TEXT_TOWER
+from clipmatch.errors import IncompatibleModelError, InputError, ModelNotFoundError, ShapeError
+from clipmatch.executor import Executor
+from clipmatch.inputs.preprocess import ImageConfig, preprocess_images
+from clipmatch.inputs.tokenizer import ClipTokenizer
+from clipmatch.manifest import ExportManifest
+from clipmatch.results import ImageEncoding, RescoreResult, TextEncoding
 
 __all__ = ["Matcher", "ModelFiles", "HEAD_NAMES"]
 
-HEAD_NAMES = ("entity", "dcsm")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ModelFiles:
     image_config: ImageConfig
 
     @classmethod
-    def load(cls, export_dir: str | Path) -> "ModelFiles":
+    def load(cls, export_dir: str | Path) -> ModelFiles:
         root = Path(export_dir)
         manifest = ExportManifest.read(root)
         tokenizer = ClipTokenizer.from_dir(root, context_length=manifest.sizes["context_length"])

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import InputError, ShapeError
+from clipmatch.errors import InputError, ShapeError
 
 __all__ = ["ImageEncoding", "TextEncoding", "RescoreResult"]
 
@@ -37,12 +37,12 @@ class ImageEncoding:
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
 
-    def __getitem__(self, index) -> "ImageEncoding":
+    def __getitem__(self, index) -> ImageEncoding:
         index = [index] if isinstance(index, (int, np.integer)) else index
         experts = None if self.vision_experts is None else self.vision_experts[index]
         return ImageEncoding(self.embeds[index], self.tokens[index], experts)
 
-    def with_vision_experts(self, vision_experts: np.ndarray) -> "ImageEncoding":
+    def with_vision_experts(self, vision_experts: np.ndarray) -> ImageEncoding:
         return ImageEncoding(self.embeds, self.tokens, vision_experts)
 
 
@@ -74,7 +74,7 @@ class TextEncoding:
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
 
-    def row(self, i: int) -> "TextEncoding":
+    def row(self, i: int) -> TextEncoding:
         """Text i alone, cut to its own length."""
         n = int(self.mask[i].sum())
         return TextEncoding((self.texts[i],), self.embeds[i:i + 1], self.tokens[i:i + 1, :n],
@@ -119,3 +119,18 @@ class RescoreResult:
         if scores is None:
             raise InputError(f"no {by!r} scores in this result (that head was not run)")
         return np.argsort(-scores, kind="stable")
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows of one shape as a Markdown table (floats to 4 places), for the commands' output."""
+    if not rows:
+        return ""
+    cols = list(rows[0])
+    cells = [[_cell(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
+    return "\n".join([line(cols), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells])
+
+
+def _cell(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)

@@ -6,9 +6,9 @@ import pickle
 
 import pytest
 
-from clipmatch.checkpoint import inspect_checkpoint
 from clipmatch.errors import IncompatibleModelError, ModelNotFoundError
 from clipmatch.manifest import HEADS_MANIFEST, HEADS_WEIGHTS, HeadsManifest
+from clipmatch_export.checkpoint import inspect_checkpoint
 
 
 def test_missing_folder_and_config(tmp_path):
@@ -58,7 +58,7 @@ def test_pickled_weights_are_refused_and_never_loaded(model_copy, tmp_path):
     (model_copy / "pytorch_model.bin").write_bytes(pickle.dumps(_Tripwire(str(tripwire))))
     # Next to safetensors: the safetensors are used and the pickle is left alone.
     pytest.importorskip("torch")
-    from clipmatch_export.clip_loader import load_clip
+    from clipmatch_export.models.clip_loader import load_clip
 
     load_clip(model_copy)
     assert not tripwire.exists()
@@ -71,7 +71,7 @@ def test_pickled_weights_are_refused_and_never_loaded(model_copy, tmp_path):
 
 def test_heads_round_trip_and_tamper_detection(model_copy):
     torch = pytest.importorskip("torch")
-    from clipmatch_export.heads import build_heads, load_heads, save_heads
+    from clipmatch_export.models.heads import build_heads, load_heads, save_heads
 
     heads, manifest = load_heads(model_copy)
     assert manifest == HeadsManifest.read(model_copy)
@@ -103,7 +103,7 @@ def test_weights_missing_a_tensor_are_refused(model_copy):
     pytest.importorskip("torch")
     from safetensors.numpy import load_file, save_file
 
-    from clipmatch_export.clip_loader import load_clip
+    from clipmatch_export.models.clip_loader import load_clip
 
     state = load_file(str(model_copy / "model.safetensors"))
     name = next(k for k in state if k.endswith("text_projection.weight"))
@@ -115,7 +115,7 @@ def test_weights_missing_a_tensor_are_refused(model_copy):
 
 def test_heads_that_do_not_fit_their_manifest_are_refused(model_copy):
     pytest.importorskip("torch")
-    from clipmatch_export.heads import load_heads
+    from clipmatch_export.models.heads import load_heads
 
     manifest = json.loads((model_copy / HEADS_MANIFEST).read_text())
     manifest["heads"]["dcsm_text_length"] = 20  # the weights were built for 16

@@ -14,7 +14,7 @@ from clipmatch.contract import COMPONENTS  # noqa: E402
 from clipmatch.errors import ModelNotFoundError, ParityError  # noqa: E402
 from clipmatch.manifest import EXPORT_MANIFEST, HEADS_MANIFEST, PARITY_REPORT, ExportManifest  # noqa: E402
 from clipmatch_export.exporter import ExportOptions, export_model, verify_graph  # noqa: E402
-from clipmatch_export.heads import load_heads  # noqa: E402
+from clipmatch_export.models.heads import load_heads  # noqa: E402
 from clipmatch_export.parity import FP32, Tolerance  # noqa: E402
 
 from ..conftest import PYTHON  # noqa: E402
@@ -60,11 +60,11 @@ def test_every_graph_declares_the_contracts_exact_dims(tiny_export):
 
 def test_pinning_the_dims_changes_no_number(tiny_model_dir, tmp_path):
     """The same trace, with and without its declared dims pinned, gives bit-identical outputs."""
-    from clipmatch.tokenizer import ClipTokenizer
-    from clipmatch_export.clip_loader import load_clip
+    from clipmatch.inputs.tokenizer import ClipTokenizer
+    from clipmatch_export.models.clip_loader import load_clip
+    from clipmatch_export.models.towers import TextTower
     from clipmatch_export.onnx_export import export_component, pin_io_shapes, run_onnx
     from clipmatch_export.parity import TokenIds, random_inputs
-    from clipmatch_export.towers import TextTower
 
     clip, _ = load_clip(tiny_model_dir)
     spec = COMPONENTS["text_tower"]

@@ -21,11 +21,33 @@ from PIL import Image
 
 from clipmatch_export import synth
 from clipmatch_export.synth import (
-    COLOURS, FUNCTIONAL_WORDS, HELD_OUT_COMBOS, HELD_OUT_ENTITIES, MARKS, PATTERNS, PHENOMENA, SHAPES,
-    EntityIs, catalogue, form_from_json, get_entity, knowledge_base, make_examples, read_records,
-    relation, render, satisfies, scene_from_json, tokenizer_corpus, write_dataset,
+    COLOURS,
+    FUNCTIONAL_WORDS,
+    HELD_OUT_COMBOS,
+    HELD_OUT_ENTITIES,
+    MARKS,
+    PATTERNS,
+    PHENOMENA,
+    SHAPES,
+    EntityIs,
+    captions,
+    catalogue,
+    dataset,
+    entities,
+    form_from_json,
+    forms,
+    get_entity,
+    knowledge_base,
+    make_examples,
+    read_records,
+    relation,
+    render,
+    satisfies,
+    scene_from_json,
+    tokenizer_corpus,
+    world,
+    write_dataset,
 )
-from clipmatch_export.synth import captions, dataset, entities, forms, world
 
 EXPORT = Path(__file__).resolve().parents[2] / "export"
 

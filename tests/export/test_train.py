@@ -186,7 +186,7 @@ def test_knowledge_base_gives_lookalikes_their_explanations(dataset):
 
 
 def test_localisation_targets_point_words_at_their_objects(tiny_model_dir):
-    from clipmatch.tokenizer import ClipTokenizer
+    from clipmatch.inputs.tokenizer import ClipTokenizer
     from clipmatch_export.train.localise import word_patch_targets
 
     tok = ClipTokenizer.from_dir(tiny_model_dir)
@@ -239,7 +239,7 @@ def test_captions_longer_than_the_context_name_their_line(dataset, tmp_path, cap
 def test_training_one_stage_keeps_the_other_heads_and_reads_every_hard_negative(dataset, trained_dir, tmp_path):
     import shutil
 
-    from clipmatch_export.heads import load_heads
+    from clipmatch_export.models.heads import load_heads
     from clipmatch_export.train.heads_trainer import train_heads
 
     model = tmp_path / "model"
@@ -260,9 +260,9 @@ def test_training_one_stage_keeps_the_other_heads_and_reads_every_hard_negative(
 
 def test_features_hold_every_hard_negative_caption(dataset, trained_dir):
 
-    from clipmatch.preprocess import ImageConfig
-    from clipmatch.tokenizer import ClipTokenizer
-    from clipmatch_export.clip_loader import load_clip
+    from clipmatch.inputs.preprocess import ImageConfig
+    from clipmatch.inputs.tokenizer import ClipTokenizer
+    from clipmatch_export.models.clip_loader import load_clip
     from clipmatch_export.train.heads_trainer import compute_features
 
     records, _ = read_jsonl(dataset)
@@ -278,7 +278,7 @@ def test_features_hold_every_hard_negative_caption(dataset, trained_dir):
 
 
 def test_train_default_runs_every_stage_and_records_it(tmp_path):
-    from clipmatch_export.fusion_fit import FusionFitConfig
+    from clipmatch_export.evaluation.fusion_fit import FusionFitConfig
     from clipmatch_export.train.default_model import RECIPE_FILE, DefaultRecipe, build_default_model
 
     recipe = DefaultRecipe(seed=3, train_size=40, clip=dataclasses.replace(TINY, epochs=1), heads=HEADS,

@@ -1,9 +1,14 @@
-"""Makes torch (and transformers) unimportable in a subprocess, as on a machine without them."""
+"""Makes torch (and transformers) unimportable in a subprocess, as on a machine without them.
+
+$CLIPMATCH_TEST_BLOCK names the blocked packages (comma-separated); by default the
+PyTorch side as well, for a machine with the SDK alone.
+"""
+import os
 import sys
 
 
 class _Block:
-    BLOCKED = ("torch", "transformers", "clipmatch_export")
+    BLOCKED = tuple(os.environ.get("CLIPMATCH_TEST_BLOCK", "torch,transformers,clipmatch_export").split(","))
 
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in self.BLOCKED:

@@ -15,14 +15,46 @@ Modules, smallest first: ``world`` (objects, scenes, rendering), ``entities``
     >>> render(ex[0].scene).shape, satisfies(ex[0].scene, ex[0].form)
     ((64, 64, 3), True)
 """
-from .captions import FUNCTIONAL_WORDS, PHENOMENA, Draft, SplitRules, compose, noun_phrase
-from .dataset import (DEFAULT_MIXTURE, SPLITS, Example, all_caption_words, example_record, make_example,
-                      make_examples, read_records, split_rules, tokenizer_corpus, write_dataset)
-from .entities import (HELD_OUT_ENTITIES, Entity, catalogue, get_entity, knowledge_base, lookalikes,
-                       write_knowledge_base)
-from .forms import And, EntityIs, Form, Has, Not, Rel, form_from_json, form_to_json, mentions, satisfies
-from .world import (CANVAS, COLOURS, HELD_OUT_COMBOS, MARKS, PATTERNS, RELATIONS, SHAPES, SIZES, Obj, Scene,
-                    relation, render, scene_from_json, scene_to_json)
+from clipmatch_export.synth.captions import FUNCTIONAL_WORDS, PHENOMENA, Draft, SplitRules, compose, noun_phrase
+from clipmatch_export.synth.dataset import (
+    DEFAULT_MIXTURE,
+    SPLITS,
+    Example,
+    all_caption_words,
+    example_record,
+    make_example,
+    make_examples,
+    read_records,
+    split_rules,
+    tokenizer_corpus,
+    write_dataset,
+)
+from clipmatch_export.synth.entities import (
+    HELD_OUT_ENTITIES,
+    Entity,
+    catalogue,
+    get_entity,
+    knowledge_base,
+    lookalikes,
+    write_knowledge_base,
+)
+from clipmatch_export.synth.forms import And, EntityIs, Form, Has, Not, Rel, form_from_json, form_to_json, mentions, satisfies
+from clipmatch_export.synth.world import (
+    CANVAS,
+    COLOURS,
+    HELD_OUT_COMBOS,
+    MARKS,
+    PATTERNS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    relation,
+    render,
+    scene_from_json,
+    scene_to_json,
+)
 
 __all__ = [
     # world

@@ -30,15 +30,25 @@ Phenomena and what plain cosine gets wrong on them:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 
-from .entities import MIN_CONTRAST, article, catalogue, contrast, get_entity, lookalikes
-from .forms import And, EntityIs, Form, Has, Not, Rel, mentions, satisfies
-from .world import (COLOURS, MARKS, PATTERNS, SHAPES, SIZES, Obj, Scene, place_line, place_single,
-                    random_background)
+from clipmatch_export.synth.entities import MIN_CONTRAST, article, catalogue, contrast, get_entity, lookalikes
+from clipmatch_export.synth.forms import And, EntityIs, Form, Has, Not, Rel, mentions, satisfies
+from clipmatch_export.synth.world import (
+    COLOURS,
+    MARKS,
+    PATTERNS,
+    SHAPES,
+    SIZES,
+    Obj,
+    Scene,
+    place_line,
+    place_single,
+    random_background,
+)
 
 __all__ = [
     "PHENOMENA", "FUNCTIONAL_WORDS", "ALL_COMBOS", "SplitRules", "Draft", "compose", "noun_phrase",

@@ -20,17 +20,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
-from .captions import ALL_COMBOS, PHENOMENA, SplitRules, compose
-from .entities import HELD_OUT_ENTITIES, catalogue, write_knowledge_base
-from .forms import Form, form_to_json, mentions
-from .world import HELD_OUT_COMBOS, Scene, render, scene_to_json
+from clipmatch_export.synth.captions import ALL_COMBOS, PHENOMENA, SplitRules, compose
+from clipmatch_export.synth.entities import HELD_OUT_ENTITIES, catalogue, write_knowledge_base
+from clipmatch_export.synth.forms import Form, form_to_json, mentions
+from clipmatch_export.synth.world import HELD_OUT_COMBOS, Scene, render, scene_to_json
 
 __all__ = [
     "SPLITS", "DEFAULT_MIXTURE", "Example", "split_rules", "make_example", "make_examples",

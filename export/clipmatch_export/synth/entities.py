@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .world import COLOURS, HELD_OUT_COMBOS, MARKS, PATTERNS, SHAPES, Obj
+from clipmatch_export.synth.world import COLOURS, HELD_OUT_COMBOS, MARKS, PATTERNS, SHAPES, Obj
 
 __all__ = [
     "Entity", "catalogue", "get_entity", "HELD_OUT_ENTITIES", "lookalikes",

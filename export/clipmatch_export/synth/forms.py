@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
-from .entities import get_entity
-from .world import Obj, Scene, holds
+from clipmatch_export.synth.entities import get_entity
+from clipmatch_export.synth.world import Obj, Scene, holds
 
 __all__ = [
     "Has", "EntityIs", "Rel", "Not", "And", "Form",
@@ -64,15 +64,15 @@ class Rel:
 
 @dataclass(frozen=True)
 class Not:
-    arg: "Form"
+    arg: Form
 
 
 @dataclass(frozen=True)
 class And:
-    args: tuple["Form", ...]
+    args: tuple[Form, ...]
 
 
-Form = Union[Has, EntityIs, Rel, Not, And]
+Form = Union[Has, EntityIs, Rel, Not, And]  # noqa: UP007 (an alias evaluated at import, on Python 3.10 too)
 _LOOK = ("pattern", "pattern_colour", "mark")
 
 

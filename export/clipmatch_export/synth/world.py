@@ -19,8 +19,8 @@ of a gallery, not only on the one it was drawn for.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -239,7 +239,7 @@ def _polygon_star(c: float, outer: float, inner: float) -> list[tuple[float, flo
     return pts
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _shape_mask(shape: str, radius: int) -> np.ndarray:
     d = 2 * radius + 1
     s = d * _SUPERSAMPLE
@@ -299,7 +299,7 @@ def _mark_mask(mark: str, shape_mask: np.ndarray) -> tuple[np.ndarray, tuple[int
     raise ValueError(f"mark {mark!r} is not one of {MARKS}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _layers(shape: str, size: str, colour: str, pattern: str | None, pattern_colour: str | None,
             mark: str | None) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
     # Each layer is (mask (d, d) bool, rgb (3,) float32), painted in order.

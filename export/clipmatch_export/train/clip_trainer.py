@@ -11,29 +11,28 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
 
-from clipmatch.checkpoint import inspect_checkpoint
 from clipmatch.errors import DatasetError
+from clipmatch.inputs.preprocess import ImageConfig, preprocess_images
+from clipmatch.inputs.tokenizer import ClipTokenizer
 from clipmatch.manifest import sha256_json
-from clipmatch.preprocess import ImageConfig, preprocess_images
-from clipmatch.tokenizer import ClipTokenizer
-
-from ..clip_loader import load_clip
-from ..tokenizer_build import train_clip_tokenizer
-from ..towers import ImageTower, TextTower
-from .configs import ClipTrainConfig
-from .data import Record
-from .localise import localisation_loss, word_patch_targets
-from .loop import Progress, cosine_lr, deterministic, make_optimizer, seeded
-from .state import clear_state, load_state, save_state
+from clipmatch_export.checkpoint import inspect_checkpoint
+from clipmatch_export.models.clip_loader import load_clip
+from clipmatch_export.models.towers import ImageTower, TextTower
+from clipmatch_export.tokenizer_build import train_clip_tokenizer
+from clipmatch_export.train.configs import ClipTrainConfig
+from clipmatch_export.train.data import Record
+from clipmatch_export.train.localise import localisation_loss, word_patch_targets
+from clipmatch_export.train.loop import Progress, cosine_lr, deterministic, make_optimizer, seeded
+from clipmatch_export.train.state import clear_state, load_state, save_state
 
 
 def train_clip(records: Sequence[Record], out_dir: str | Path, config: ClipTrainConfig = ClipTrainConfig(), *,
@@ -46,7 +45,6 @@ def train_clip(records: Sequence[Record], out_dir: str | Path, config: ClipTrain
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    captions = [r.caption for r in records]
     pairs: list[tuple[int, str]] = [(i, r.caption) for i, r in enumerate(records)]
     if config.explanations_as_captions:
         pairs += [(i, r.explanation) for i, r in enumerate(records) if r.explanation]

@@ -12,12 +12,15 @@ with ``skip_bad=True`` bad lines are skipped, counted and listed instead.
 """
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from clipmatch.errors import DatasetError, ModelNotFoundError
+from clipmatch.explain.explainers import KnowledgeBaseExplainer
 
 
 @dataclass(frozen=True)
@@ -122,15 +125,18 @@ def _parse(line: str, number: int, root: Path, kb: Mapping[str, str] | None, max
 
 
 def kb_explanation(text: str, kb: Mapping[str, str]) -> str | None:
-    """The explanation of the longest knowledge-base name that ``text`` mentions.
-
-    Longest, so "Orrin-12 pump" is not taken for the "Orrin-120 pump" that contains it.
+    """The explanation of the longest knowledge-base name that ``text`` mentions: the SDK's
+    own lookup (``KnowledgeBaseExplainer``), so training reads what the search reads.
 
     >>> kb_explanation("a photo of the Y-20", {"Y-2": "a square", "Y-20": "a cross"})
     'a cross'
     """
-    found = [name for name in kb if name in text]
-    return kb[max(found, key=len)] if found else None
+    return _lookup(tuple(kb.items())).explain(text).text
+
+
+@functools.lru_cache(maxsize=8)
+def _lookup(entries: tuple[tuple[str, str], ...]) -> KnowledgeBaseExplainer:
+    return KnowledgeBaseExplainer(dict(entries))
 
 
 def _existing(root: Path, rel: Any, fail) -> Path:

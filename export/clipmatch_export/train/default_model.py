@@ -14,15 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from clipmatch.manifest import HeadsManifest
-
-from ..fusion_fit import FusionFitConfig, fit_model_fusion
-from ..synth.dataset import write_dataset
-from ..synth.entities import write_knowledge_base
-from ..versions import versions
-from .clip_trainer import train_clip
-from .configs import ClipTrainConfig, HeadsTrainConfig
-from .data import read_jsonl
-from .heads_trainer import train_heads
+from clipmatch_export.evaluation.fusion_fit import FusionFitConfig, fit_model_fusion
+from clipmatch_export.synth.dataset import write_dataset
+from clipmatch_export.synth.entities import write_knowledge_base
+from clipmatch_export.train.clip_trainer import train_clip
+from clipmatch_export.train.configs import ClipTrainConfig, HeadsTrainConfig
+from clipmatch_export.train.data import read_jsonl
+from clipmatch_export.train.heads_trainer import train_heads
+from clipmatch_export.versions import versions
 
 RECIPE_FILE = "recipe.json"
 

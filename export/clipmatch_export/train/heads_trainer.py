@@ -5,14 +5,14 @@ all read the same served token features, and so that each head's effect is
 measured against the very cosine it rescores. Tower features are computed
 once, up front; each step then costs only the heads.
 
-DCSM (methods.md §1): a batch holds B positives plus, where the data has
+DCSM (docs/methods.md#how-dcsm-is-trained): a batch holds B positives plus, where the data has
 them, each one's hard negative caption and image (a matching pair of their
 own). Every image is scored against its text, its partner's text, a few
 random texts of the batch and, for a positive image, every other hard-negative
 caption its record has (as evaluation does); every text likewise against
 images, with cross-entropy over each such row and column.
 
-MMAE + GI-ITM (methods.md §2, towers frozen): InfoNCE on cos(V*, T*) over the
+MMAE + GI-ITM (docs/methods.md#how-the-entity-heads-are-trained, towers frozen): InfoNCE on cos(V*, T*) over the
 same candidate sets, plus ITM on the positive, the hard partner and the
 most confusable random candidate.
 """
@@ -22,28 +22,35 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from clipmatch.manifest import HEADS_MANIFEST, HeadsManifest, sha256_file, sha256_json
 from clipmatch.errors import IncompatibleModelError
-from clipmatch.preprocess import ImageConfig
-from clipmatch.tokenizer import ClipTokenizer
-
-from ..clip_loader import load_clip
-from ..synth.entities import NAME_PATTERN, rename_entities
-from ..heads import ClipmatchHeads, build_heads, heads_config_for, load_heads, save_heads
-from ..towers import ImageTower, TextTower
-from .clip_trainer import _encode_images
-from .configs import HeadsTrainConfig
-from .data import Record
-from .loop import Progress, cosine_lr, deterministic, make_optimizer, seeded
-from .state import clear_features, clear_state, load_features, load_state, save_features, save_state, saved_run
+from clipmatch.inputs.preprocess import ImageConfig
+from clipmatch.inputs.tokenizer import ClipTokenizer
+from clipmatch.manifest import HEADS_MANIFEST, HeadsManifest, sha256_file, sha256_json
+from clipmatch_export.models.clip_loader import load_clip
+from clipmatch_export.models.heads import ClipmatchHeads, build_heads, heads_config_for, load_heads, save_heads
+from clipmatch_export.models.towers import ImageTower, TextTower
+from clipmatch_export.synth.entities import NAME_PATTERN, rename_entities
+from clipmatch_export.train.clip_trainer import _encode_images
+from clipmatch_export.train.configs import HeadsTrainConfig
+from clipmatch_export.train.data import Record
+from clipmatch_export.train.loop import Progress, cosine_lr, deterministic, make_optimizer, seeded
+from clipmatch_export.train.state import (
+    clear_features,
+    clear_state,
+    load_features,
+    load_state,
+    save_features,
+    save_state,
+    saved_run,
+)
 
 
 @dataclass

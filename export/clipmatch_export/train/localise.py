@@ -11,14 +11,14 @@ unsupervised. Data without a ``scene`` simply gets no targets.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from clipmatch.tokenizer import ClipTokenizer
-
-from ..synth.world import CANVAS, COLOURS, PATTERNS, RADIUS, SHAPES
+from clipmatch.inputs.tokenizer import ClipTokenizer
+from clipmatch_export.synth.world import CANVAS, COLOURS, PATTERNS, RADIUS, SHAPES
 
 _NEGATIONS = {"no", "not", "without", "but"}
 
