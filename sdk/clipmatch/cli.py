@@ -255,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of native backends (onnxruntime/, tensorrt/) built for Triton 2.51; "
                         "default $CLIPMATCH_TRITON_BACKENDS")
     s.add_argument("--ort-pool", type=int, default=None, metavar="THREADS",
-                   help="native onnxruntime backend: one thread pool shared by every model (pays for large models)")
+                   help="native onnxruntime backend: one thread pool shared by every model (see the README for when it pays)")
     s.add_argument("--open-admin-api", action="store_true",
                    help="open the shared-memory, model-repository, logging and trace APIs to every client")
     s.add_argument("--http-port", type=int, default=8000)
