@@ -16,9 +16,9 @@ MAX_LINES = 450
 PUBLIC_API = [
     "BackendError", "CachedExplainer", "ClipmatchError", "ConfigError", "DependencyError", "ExplainerError",
     "Explanation", "ExportError", "GalleryIndex", "ImageEncoding", "ImageError", "IncompatibleModelError",
-    "InputError", "KnowledgeBaseExplainer", "Local", "Matcher", "ModelError", "ModelNotFoundError",
+    "IndexBusyError", "InputError", "KnowledgeBaseExplainer", "Local", "Matcher", "ModelError", "ModelNotFoundError",
     "OpenAIExplainer", "ParityError", "Remote", "RescoreResult", "RuntimeConfig", "SearchHit", "SearchResult",
-    "Searcher", "ShapeError", "TextEncoding", "TextError", "TransformersExplainer", "TritonOptions",
+    "Searcher", "ShapeError", "StorageError", "TextEncoding", "TextError", "TransformersExplainer", "TritonOptions",
     "__version__", "aio", "build_index", "connect",
 ]
 

@@ -63,8 +63,9 @@ def cmd_index(args) -> int:
     if args.out is None:
         raise SystemExit("clipmatch: error: --out is required (the index folder)")
     images = list_images(args.images)
-    if not images:
+    if not images and not (args.out / "index.json").is_file():
         raise SystemExit("clipmatch: error: no images given (files or folders with .png/.jpg/... files)")
+    # No images for an existing index: finish it (a stopped run's committed rows go into FAISS).
     report = build_index(Local(args.export), images, args.out, chunk=args.chunk, kind=args.kind)
     if report["upgraded"]:
         print(f"{args.out}: upgraded {report['upgraded']} images to the current index format first")

@@ -36,6 +36,8 @@ __all__ = [
     "ExplainerError",
     "DependencyError",
     "ConfigError",
+    "StorageError",
+    "IndexBusyError",
 ]
 
 
@@ -103,6 +105,15 @@ class ParityError(ExportError):
 
 class BackendError(ClipmatchError):
     """The runtime underneath (onnxruntime, a server) failed on a valid request."""
+
+
+class StorageError(ClipmatchError, OSError):
+    """Reading or writing clipmatch's own files failed (a full disk, a permission); what was
+    committed before stays as it was."""
+
+
+class IndexBusyError(ClipmatchError):
+    """Another process is writing the same index folder."""
 
 
 class DependencyError(ClipmatchError, ImportError):

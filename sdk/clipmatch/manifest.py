@@ -295,6 +295,16 @@ class ExportManifest:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise IncompatibleModelError(f"{path} is incomplete or malformed: {exc!r}") from exc
 
+    def __post_init__(self) -> None:
+        # Every file an export names lies inside the export: a crafted manifest must not make a
+        # repository (or a session) read whatever the user can (../../secret, /etc/...).
+        for component, files in self.components.items():
+            for kind, name in files.items():
+                rel = Path(str(name))
+                if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                    raise IncompatibleModelError(f"the export manifest names {name!r} for {component} {kind}: a "
+                                                 "file must be a plain path inside the export folder")
+
     def file(self, component: str, precision: str = "fp32") -> str:
         try:
             return self.components[component][precision]

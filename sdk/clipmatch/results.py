@@ -70,6 +70,23 @@ class TextEncoding:
               and self.mask.shape == (n, t) and self.functional_ids.shape == (n, t) and self.truncated.shape == (n,))
         if not ok:
             raise ShapeError(f"TextEncoding of {len(self.texts)} texts has inconsistent shapes {shapes}")
+        # A hand-built encoding is checked as the tokenizer's output would hold: a mask of 1s then
+        # 0s (at least one 1: the EOT the tower pools at), marks only on real tokens, finite numbers.
+        mask, marks = np.asarray(self.mask), np.asarray(self.functional_ids)
+        if mask.dtype.kind not in "iub" or marks.dtype.kind not in "iu":
+            raise ShapeError(f"TextEncoding mask and functional_ids must be integers, got {mask.dtype} and "
+                             f"{marks.dtype}")
+        bad = np.flatnonzero(((mask != 0) & (mask != 1)).any(axis=1) | (mask[:, :1] != 1).any(axis=1)
+                             | (np.diff(mask.astype(np.int64), axis=1) > 0).any(axis=1)) if t else []
+        if len(bad):
+            raise ShapeError(f"TextEncoding mask rows {bad[:5].tolist()} are not 1s followed by 0s")
+        bad = np.flatnonzero(((marks < 0) | ((mask == 0) & (marks != 0))).any(axis=1)) if t else []
+        if len(bad):
+            raise ShapeError(f"TextEncoding functional_ids rows {bad[:5].tolist()} are negative or mark padding")
+        for name in ("embeds", "tokens"):
+            x = np.asarray(getattr(self, name))
+            if x.dtype.kind != "f" or not np.isfinite(x).all():
+                raise ShapeError(f"TextEncoding {name} must be finite floats (dtype {x.dtype})")
 
     def __len__(self) -> int:
         return int(self.embeds.shape[0])

@@ -57,8 +57,11 @@ class TritonOptions:
     TLS is on for https:// and grpcs:// URLs."""
 
     timeout_s: float = 30.0
-    retries: int = 4  # extra attempts on unavailable / overloaded answers
-    backoff_s: float = 0.2  # first wait; doubles per attempt
+    # Extra attempts on unavailable / overloaded answers, the first after backoff_s, doubling up
+    # to max_backoff_s: 0.2 + 0.4 + ... + 5 + 5 + 5 = 21 s by default, so a long job (an index
+    # through the server) rides out a server restart; restarts took 4-11 s here.
+    retries: int = 8
+    backoff_s: float = 0.2
     max_backoff_s: float = 5.0
     concurrency: int = 4  # chunks of one call in flight at once
     headers: Mapping[str, str] = field(default_factory=dict)

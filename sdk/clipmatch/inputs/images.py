@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import zlib
 from numbers import Integral
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,13 +22,20 @@ from PIL import Image, ImageOps
 
 from clipmatch.errors import ImageError
 
-__all__ = ["load_image"]
+__all__ = ["load_image", "check_pixels", "MAX_FILE_BYTES", "MAX_PIXELS"]
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 # What PIL raises on bad data besides DecompressionBombError; its decoders
 # and plugins are not consistent about which.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
 _FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+# Limits, so that no file a caller names can exhaust the process: a file over
+# MAX_FILE_BYTES is refused before it is read, an image over MAX_PIXELS before it
+# is decoded, and one whose resize would make more than MAX_PIXELS before the
+# resize (a 2 x 1,000,000 image resized to a shortest edge of 224 would be 25
+# Gpx). 64 Mpx takes an 8192 x 8192 image and a 50 MP camera's photos.
+MAX_FILE_BYTES = 256 * 2**20
+MAX_PIXELS = 64 * 2**20
 
 
 def load_image(item: Any, index: int, *, min_side: int = 2) -> Image.Image:
@@ -48,12 +55,15 @@ def load_image(item: Any, index: int, *, min_side: int = 2) -> Image.Image:
     elif isinstance(item, Image.Image):
         # An image from Image.open is decoded lazily: force it, so a truncated
         # file fails here rather than somewhere inside PIL's resize.
+        check_pixels(item.width, item.height, "PIL image", index)
         try:
             item.load()
         except Image.DecompressionBombError as exc:
             raise ImageError(f"refusing a possible decompression bomb: {exc}", index=index) from exc
         except _DECODE_ERRORS as exc:
             raise ImageError(f"PIL image is corrupt or truncated: {exc}", index=index) from exc
+        except Exception as exc:  # PIL's plugins raise what they like (an odd DDS: NotImplementedError)
+            raise ImageError(f"PIL image could not be decoded ({type(exc).__name__}: {exc})", index=index) from exc
         image = item
     elif isinstance(item, np.ndarray):
         image = _array_to_image(item, index)
@@ -74,9 +84,27 @@ def load_image(item: Any, index: int, *, min_side: int = 2) -> Image.Image:
     return _to_rgb(image, index)
 
 
+def check_pixels(width: int, height: int, source: str, index: int) -> None:
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{source} would be {width}x{height} pixels, over the limit of {MAX_PIXELS:,} "
+                         "(clipmatch.inputs.images.MAX_PIXELS)", index=index)
+
+
 def _read_file(path: str | os.PathLike, index: int) -> bytes:
     try:
-        return Path(path).read_bytes()
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a FIFO would block, /dev/zero never end
+            if stat.S_ISDIR(info.st_mode):
+                raise IsADirectoryError(path)
+            raise ImageError(f"'{os.fspath(path)}' is not a regular file (a pipe, device or socket)", index=index)
+        if info.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"'{os.fspath(path)}' is {info.st_size:,} bytes, over the limit of {MAX_FILE_BYTES:,} "
+                             "(clipmatch.inputs.images.MAX_FILE_BYTES)", index=index)
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)  # the file may have grown since the stat
+        if len(data) > MAX_FILE_BYTES:
+            raise ImageError(f"'{os.fspath(path)}' is over the limit of {MAX_FILE_BYTES:,} bytes", index=index)
+        return data
     except FileNotFoundError as exc:
         hint = ""
         if str(path).startswith(("http://", "https://")):
@@ -93,6 +121,7 @@ def _decode(data: bytes, source: str, index: int) -> Image.Image:
         raise ImageError(f"{source} is empty (0 bytes)", index=index)
     try:
         with Image.open(io.BytesIO(data)) as opened:
+            check_pixels(opened.width, opened.height, source, index)  # from the header, before decoding
             # load() decodes every pixel: Image.open only reads the header, and
             # a file cut short would otherwise pass unnoticed.
             opened.load()
@@ -106,6 +135,10 @@ def _decode(data: bytes, source: str, index: int) -> Image.Image:
         ) from exc
     except _DECODE_ERRORS as exc:
         raise ImageError(f"{source} is corrupt or truncated ({len(data)} bytes): {exc}", index=index) from exc
+    except ImageError:
+        raise
+    except Exception as exc:  # PIL's plugins raise what they like (an odd DDS: NotImplementedError)
+        raise ImageError(f"{source} could not be decoded ({type(exc).__name__}: {exc})", index=index) from exc
     return image
 
 

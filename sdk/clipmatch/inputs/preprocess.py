@@ -39,9 +39,10 @@ import numpy as np
 from PIL import Image
 
 from clipmatch.errors import IncompatibleModelError, InputError, ModelError, ModelNotFoundError
-from clipmatch.inputs.images import load_image
+from clipmatch.inputs.images import check_pixels, load_image
 
 __all__ = [
+    "model_view",
     "OPENAI_CLIP_MEAN",
     "OPENAI_CLIP_STD",
     "ImageConfig",
@@ -315,14 +316,21 @@ def _crop_span(size: int, crop: int) -> tuple[slice, slice]:
     return slice(0, size), slice(start, start + size)
 
 
-def _pixel_values(image: Image.Image, config: ImageConfig) -> np.ndarray:
-    """One RGB image to (3, H, W) float32."""
+def model_view(image: Image.Image, config: ImageConfig) -> np.ndarray:
+    """(H, W, 3) uint8: the part of an RGB image the image tower sees, resized and cropped as it
+    is (before rescaling), so a picture drawn over it lines up with the tower's patches."""
     if config.do_resize:
         height, width = _resize_size(image.height, image.width, config)
         image = image.resize((width, height), resample=config.resample)
     pixels = np.asarray(image)  # (H, W, 3) uint8
     if config.do_center_crop:
         pixels = _center_crop(pixels, config.crop_height, config.crop_width)
+    return pixels
+
+
+def _pixel_values(image: Image.Image, config: ImageConfig) -> np.ndarray:
+    """One RGB image to (3, H, W) float32."""
+    pixels = model_view(image, config)
     # Same arithmetic as transformers (rescale in float64, then float32
     # normalize), so results agree to the bit rather than to 1e-7.
     if config.do_rescale:
@@ -359,5 +367,9 @@ def preprocess_images(items: Sequence[Any], config: ImageConfig, *, start_index:
 
     out = np.empty((len(items), *config.output_shape), dtype=np.float32)
     for i, item in enumerate(items):
-        out[i] = _pixel_values(load_image(item, start_index + i, min_side=config.min_side), config)
+        image = load_image(item, start_index + i, min_side=config.min_side)
+        if config.do_resize:
+            height, width = _resize_size(image.height, image.width, config)
+            check_pixels(width, height, f"image {image.width}x{image.height} resized", start_index + i)
+        out[i] = _pixel_values(image, config)
     return out

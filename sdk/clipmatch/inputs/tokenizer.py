@@ -32,6 +32,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from clipmatch.errors import IncompatibleModelError, InputError, ModelNotFoundError, TextError
+from clipmatch.inputs.texts import prepare_texts
 
 __all__ = ["BOS_TOKEN", "EOS_TOKEN", "DEFAULT_CONTEXT_LENGTH", "ClipTokenizer", "TokenBatch", "build_clip_backend"]
 
@@ -375,19 +376,7 @@ class ClipTokenizer:
         >>> b.functional_ids[0].tolist()  # the cut kept only the "n" of "not"
         [0, 0, 0, 0, 0, 0, 1, 0]
         """
-        if isinstance(texts, (str, bytes)):
-            raise TextError(f"texts must be a list of strings; got a single {type(texts).__name__}, pass [text]")
-        try:
-            items = list(texts)
-        except TypeError:
-            raise TextError(f"texts must be a list of strings, got {type(texts).__name__}") from None
-        if not items:
-            raise InputError("no texts given")
-        for i, text in enumerate(items):
-            if not isinstance(text, str):
-                raise TextError(f"expected a str, got {type(text).__name__}", index=i)
-            if not text.strip():
-                raise TextError(f"text is empty or only whitespace: {text!r}", index=i)
+        items, precut = prepare_texts(texts)  # valid Unicode, and a length the tokenizer takes at once
 
         limit = self.context_length if max_length is None else max_length
         if isinstance(limit, bool) or not isinstance(limit, int) or not 2 <= limit <= self.context_length:
@@ -411,7 +400,7 @@ class ClipTokenizer:
                 fids = fids[: limit - 1] + [0]
             rows.append(ids)
             marks.append(fids)
-            truncated.append(cut)
+            truncated.append(cut or precut[i])
 
         lengths = np.array([len(r) for r in rows], dtype=np.int64)
         width = int(lengths.max())

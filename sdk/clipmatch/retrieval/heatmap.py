@@ -15,7 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from clipmatch.errors import ShapeError
-from clipmatch.inputs.preprocess import load_image
+from clipmatch.inputs.images import load_image
+from clipmatch.inputs.preprocess import model_view
 
 __all__ = ["dense_map", "word_maps", "render_heatmap"]
 
@@ -65,7 +66,9 @@ def render_heatmap(matcher, image, image_tokens: np.ndarray, text: str, out: str
     length = matcher.manifest.sizes.get("dcsm_text_length", enc.tokens.shape[1])
     maps, positions = word_maps(np.asarray(image_tokens, np.float32), enc.tokens[0, :length], enc.mask[0, :length],
                                 enc.functional_ids[0, :length], batch.input_ids[0, :length], tokenizer.special_ids)
-    base = load_image(image, 0).resize((panel, panel))
+    # The crop the tower saw, not the whole image squashed: the map's patches cover that crop.
+    view = model_view(load_image(image, 0), matcher.files.image_config)
+    base = Image.fromarray(view).resize((panel, panel), Image.BILINEAR)
     labels = [tokenizer.backend.id_to_token(int(batch.input_ids[0, t])).replace("</w>", "") for t in positions]
     canvas = Image.new("RGB", (panel * (1 + len(maps)), panel + 20), (255, 255, 255))
     canvas.paste(base, (0, 0))

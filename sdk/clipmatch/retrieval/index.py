@@ -30,21 +30,42 @@ overrides.
 """
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from clipmatch.contract import ENTITY_IMAGE
-from clipmatch.errors import DependencyError, ImageError, IncompatibleModelError, InputError, ModelNotFoundError, ShapeError
+from clipmatch.errors import ImageError, IncompatibleModelError, InputError, ModelNotFoundError, ShapeError
 from clipmatch.progress import Progress
 from clipmatch.results import ImageEncoding
+from clipmatch.retrieval.index_files import (
+    EMB,
+    EXP,
+    FAILED,
+    FAISS,
+    LOG,
+    META,
+    TOK,
+    IndexLock,
+    append,
+    check_model,
+    check_rows,
+    complete_lines,
+    damaged,
+    faiss_module,
+    read_log,
+    read_meta,
+    read_rows,
+    replace_atomically,
+    truncate,
+    upgrade_hint,
+    write_faiss,
+    write_meta,
+)
 
 __all__ = ["GalleryIndex", "IndexWriter", "build_index", "index_encoding", "upgrade_index", "needs_upgrade",
            "upgrade_hint", "check_model", "list_images",
@@ -54,21 +75,7 @@ DEFAULT_CHUNK = 256  # images per committed chunk: what a killed run can lose an
 
 EXACT_LIMIT = 50_000
 FORMAT_VERSION = 2
-_META, _LOG, _EMB, _TOK, _EXP, _FAILED, _FAISS = ("index.json", "images.jsonl", "embeds.f32", "tokens.f16",
-                                                  "experts.f32", "failed.jsonl", "faiss.index")
-# A shortlist's rows are read by this many threads, each a share of them: on a cold page
-# cache each read waits on the disk. Measured for K = 100 ViT-B/32 rows (51 KB each): 4
-# threads with a share each 2.5 ms cold and 2.0 warm; one task per row 5-6 ms either way;
-# the memory map 510 ms cold (a page fault at a time) and 0.8 warm.
-_READ_THREADS = 4
-
-
-def _faiss():
-    try:
-        import faiss
-    except ImportError as exc:
-        raise DependencyError("the gallery index needs FAISS: pip install faiss-cpu") from exc
-    return faiss
+_META, _LOG, _EMB, _TOK, _EXP, _FAILED, _FAISS = META, LOG, EMB, TOK, EXP, FAILED, FAISS
 
 
 @dataclass
@@ -85,22 +92,36 @@ class GalleryIndex:
 
     @classmethod
     def open(cls, root: str | Path, model_identity: str | None = None) -> GalleryIndex:
+        """Open a finished index, every file checked against the commit log first."""
         root = Path(root)
         if not (root / _META).is_file():
             raise ModelNotFoundError(f"{root} is not a clipmatch index (no {_META}); build one with `clipmatch index`")
-        meta = json.loads((root / _META).read_text())
+        meta = read_meta(root)
         if model_identity is not None:
             check_model(meta, model_identity, root)
-        paths = [json.loads(line)["path"] for line in _complete_lines(root / _LOG)]
+        paths = read_log(root)
         n, d, p = len(paths), meta["embed_dim"], meta["num_image_tokens"]
+        if meta.get("faiss") is None or meta.get("count") != n or not (root / _FAISS).is_file():
+            # A run stopped before its end: rows committed but not yet in FAISS would be
+            # unsearchable, so the index is not opened half-built.
+            raise IncompatibleModelError(
+                f"index {root} is not finished: {n} images are committed but its FAISS index covers "
+                f"{meta.get('count') if meta.get('faiss') else 0} (a `clipmatch index` run stopped before its end); run "
+                f"`clipmatch index --out {root} --export EXPORT_DIR` again to finish it")
+        k = meta.get("num_experts") if meta.get("vision_experts") else None
+        for name, row in ((_EMB, d * 4), (_TOK, p * d * 2)) + (((_EXP, k * d * 4),) if k else ()):
+            check_rows(root, name, n, row)
         embeds = np.memmap(root / _EMB, np.float32, "r", shape=(n, d)) if n else np.zeros((0, d), np.float32)
         tokens = np.memmap(root / _TOK, np.float16, "r", shape=(n, p, d)) if n else np.zeros((0, p, d), np.float16)
         experts = None
-        if meta.get("vision_experts"):
-            k = meta["num_experts"]
-            experts = np.memmap(root / _EXP, np.float32, "r", shape=(n, k, d)) if n else np.zeros((0, k, d),
-                                                                                                   np.float32)
-        index = _faiss().read_index(str(root / _FAISS))
+        if k:
+            experts = np.memmap(root / _EXP, np.float32, "r", shape=(n, k, d)) if n else np.zeros((0, k, d), np.float32)
+        try:
+            index = faiss_module().read_index(str(root / _FAISS))
+        except RuntimeError as exc:  # FAISS reports a bad file as a RuntimeError
+            raise damaged(root, f"{_FAISS} cannot be read ({str(exc).splitlines()[0][:200]})") from None
+        if index.ntotal != n or index.d != d:
+            raise damaged(root, f"{_FAISS} holds {index.ntotal} rows of {index.d} dims, not {n} of {d}")
         return cls(root, meta, paths, embeds, tokens, index, experts)
 
     def rows(self, ids: np.ndarray) -> ImageEncoding:
@@ -108,17 +129,17 @@ class GalleryIndex:
 
         A memory map reads K scattered rows one page fault at a time; on a cold page
         cache that is one disk wait after another. Here every row is one ``pread``,
-        and ``_READ_THREADS`` of them wait on the disk together.
+        and a few threads of them wait on the disk together (``index_files.READ_THREADS``).
         """
         ids = np.asarray(ids, np.int64)
         n, (_, p, d) = len(self.paths), self.tokens.shape
         if ids.size and (ids.min() < 0 or ids.max() >= n):
             raise InputError(f"rows {ids[(ids < 0) | (ids >= n)][:5].tolist()} are outside the index of {n} images")
         embeds = np.asarray(self.embeds[ids], np.float32)
-        tokens = _read_rows(self.root / _TOK, ids, (p, d), np.float16).astype(np.float32)
+        tokens = read_rows(self.root / _TOK, ids, (p, d), np.float16).astype(np.float32)
         experts = None
         if self.vision_experts is not None:
-            experts = _read_rows(self.root / _EXP, ids, self.vision_experts.shape[1:], np.float32)
+            experts = read_rows(self.root / _EXP, ids, self.vision_experts.shape[1:], np.float32)
         return ImageEncoding(embeds, tokens, experts)
 
     def search(self, query_embeds: np.ndarray, k: int, *, threads: int | None = None
@@ -129,72 +150,21 @@ class GalleryIndex:
         only and restored after; None leaves FAISS's own setting. ``Searcher`` passes
         1 (see there).
         """
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"k must be a positive int, got {k!r}")
+        k = int(min(k, max(len(self.paths), 1)))  # FAISS allocates k per query: never more than the rows
         queries = np.ascontiguousarray(query_embeds, dtype=np.float32)
+        if queries.ndim != 2 or queries.shape[1] != self.embeds.shape[1]:
+            raise ShapeError(f"query embeddings must be (Q, {self.embeds.shape[1]}), got {queries.shape}")
         if threads is None:
             return self.faiss_index.search(queries, k)
-        faiss = _faiss()
+        faiss = faiss_module()
         before = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(threads)
         try:
             return self.faiss_index.search(queries, k)
         finally:
             faiss.omp_set_num_threads(before)
-
-
-def check_model(meta: dict, model_identity: str, root: Path) -> None:
-    """Refuse to read or extend an index with a model other than the one that built it."""
-    if meta["model_identity"] != model_identity:
-        raise IncompatibleModelError(f"index {root} was built with model {meta['model_identity'][:12]}, not this "
-                                     f"one ({model_identity[:12]}); index the gallery again with this model, or "
-                                     f"use the model that built it")
-
-
-def _complete_lines(path: Path) -> list[str]:
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    return [line for line in data[:end].decode("utf-8").splitlines() if line.strip()]
-
-
-def _truncate(path: Path, size: int) -> None:
-    if path.exists() and path.stat().st_size != size:
-        with open(path, "r+b") as f:
-            f.truncate(size)
-
-
-def _append(path: Path, data: bytes) -> None:
-    with open(path, "ab") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@functools.lru_cache(maxsize=1)
-def _reader() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="clipmatch-index-read")
-
-
-def _read_rows(path: Path, ids: np.ndarray, row_shape: tuple[int, ...], dtype) -> np.ndarray:
-    """Rows ``ids`` of a flat array file of ``row_shape`` rows, by parallel preads into one buffer."""
-    out = np.empty((len(ids), *row_shape), dtype)
-    row_bytes = out[0].nbytes if len(ids) else 0
-    order = np.argsort(ids, kind="stable")  # each thread reads ascending offsets: the disk's best order
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        def read(share: np.ndarray) -> None:
-            for j in share:
-                got = os.preadv(fd, [memoryview(out[j]).cast("B")], int(ids[j]) * row_bytes)
-                if got != row_bytes:
-                    raise ShapeError(f"{path} is shorter than its index says: row {int(ids[j])} is cut off")
-        shares = [s for s in np.array_split(order, _READ_THREADS) if len(s)]
-        if len(shares) > 1:
-            list(_reader().map(read, shares))
-        elif shares:
-            read(shares[0])
-    finally:
-        os.close(fd)
-    return out
 
 
 class IndexWriter:
@@ -212,22 +182,51 @@ class IndexWriter:
         self.manifest = manifest
         self.d, self.p = manifest.sizes["embed_dim"], manifest.sizes["num_image_tokens"]
         self.k = manifest.sizes.get("num_experts") if ENTITY_IMAGE.name in manifest.components else None
+        self.lock = IndexLock(self.out)  # one writer at a time; released by finish() or close()
+        try:
+            self._open()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self) -> None:
         if (self.out / _META).is_file():
-            meta = json.loads((self.out / _META).read_text())
-            check_model(meta, manifest.model_identity, self.out)
+            meta = read_meta(self.out)
+            check_model(meta, self.manifest.model_identity, self.out)
             if self.k and not meta.get("vision_experts"):
                 raise IncompatibleModelError(upgrade_hint(self.out, meta))
-        lines = _complete_lines(self.out / _LOG)
-        self.log_size = sum(len(line.encode("utf-8")) + 1 for line in lines)
-        self.done = {json.loads(line)["path"] for line in lines}
-        self.count = len(lines)
+        else:
+            # The identity goes first, before any row: a resumed or added-to run with another
+            # model is refused even when the first run was killed long before its end.
+            write_meta(self.out, self._meta(count=0, kind=None))
+        paths = read_log(self.out)  # every line checked: a lost or edited line shifts nothing
+        self.log_size = sum(len(line.encode("utf-8")) + 1 for line in complete_lines(self.out / _LOG))
+        self.done = set(paths)
+        self.done_real = {os.path.realpath(x) for x in paths}  # one file under two spellings is one image
+        self.count = len(paths)
         for name, row in self._arrays():
-            size = (self.out / name).stat().st_size if (self.out / name).exists() else 0
-            if size < self.count * row:  # never extended with zeros: a short file is refused, not guessed at
-                raise IncompatibleModelError(f"index {self.out}: {name} holds {size // row if row else 0} rows but "
-                                             f"the commit log names {self.count}; the folder is damaged")
+            check_rows(self.out, name, self.count, row)  # never extended with zeros: a short file is refused
         self._cut_back()  # a torn chunk from a killed run
-        self.failed_before = {json.loads(line)["path"] for line in _complete_lines(self.out / _FAILED)}
+        self.failed_before = {json.loads(line)["path"] for line in complete_lines(self.out / _FAILED)}
+
+    def _meta(self, count: int, kind: str | None) -> dict:
+        m = self.manifest
+        meta = {"format": "clipmatch.index", "format_version": FORMAT_VERSION, "model_identity": m.model_identity,
+                "tokenizer_identity": m.tokenizer_identity, "embed_dim": self.d, "num_image_tokens": self.p,
+                "count": count, "faiss": kind, "vision_experts": bool(self.k)}
+        if self.k:
+            meta["num_experts"] = self.k
+        return meta
+
+    def close(self) -> None:
+        """Let another writer in (``finish`` does it too)."""
+        self.lock.release()
+
+    def __enter__(self) -> IndexWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def _arrays(self) -> list[tuple[str, int]]:
         """(file, bytes per row) of every array this index keeps."""
@@ -247,10 +246,11 @@ class IndexWriter:
                 raise InputError(f"path {i} must be a str, got {type(path).__name__} ({path!r})")
         seen: set[str] = set()
         for path in paths:
-            if path in self.done or path in seen:
-                raise InputError(f"{path} is already in the index {self.out}" if path in self.done
+            real = os.path.realpath(path)
+            if real in self.done_real or real in seen:
+                raise InputError(f"{path} is already in the index {self.out}" if real in self.done_real
                                  else f"{path} is given twice")
-            seen.add(path)
+            seen.add(real)
         if encoding.embeds.shape != (n, self.d) or encoding.tokens.shape != (n, self.p, self.d):
             raise ShapeError(f"{n} paths need embeds ({n}, {self.d}) and tokens ({n}, {self.p}, {self.d}), got "
                              f"{encoding.embeds.shape} and {encoding.tokens.shape}")
@@ -262,48 +262,42 @@ class IndexWriter:
         log = "".join(json.dumps({"id": self.count + i, "path": path}) + "\n"
                       for i, path in enumerate(paths)).encode("utf-8")
         try:
-            _append(self.out / _EMB, np.ascontiguousarray(encoding.embeds, np.float32).tobytes())
-            _append(self.out / _TOK, np.ascontiguousarray(encoding.tokens, np.float16).tobytes())
+            append(self.out / _EMB, np.ascontiguousarray(encoding.embeds, np.float32).tobytes())
+            append(self.out / _TOK, np.ascontiguousarray(encoding.tokens, np.float16).tobytes())
             if self.k:
-                _append(self.out / _EXP, np.ascontiguousarray(experts, np.float32).tobytes())
+                append(self.out / _EXP, np.ascontiguousarray(experts, np.float32).tobytes())
             # The commit: these images count as indexed once their lines are complete.
-            _append(self.out / _LOG, log)
+            append(self.out / _LOG, log)
         except BaseException:
             self._cut_back()
             raise
         self.count += n
         self.log_size += len(log)
         self.done.update(paths)
+        self.done_real.update(seen)
 
     def _cut_back(self) -> None:
         """The log and the arrays cut to exactly the committed rows."""
-        _truncate(self.out / _LOG, self.log_size)
+        truncate(self.out / _LOG, self.log_size)
         for name, row in self._arrays():
-            _truncate(self.out / name, self.count * row)
+            truncate(self.out / name, self.count * row)
 
     def fail(self, path: str, reason: str) -> None:
         if path not in self.failed_before:
-            _append(self.out / _FAILED, (json.dumps({"path": path, "error": reason}) + "\n").encode())
+            append(self.out / _FAILED, (json.dumps({"path": path, "error": reason}) + "\n").encode())
             self.failed_before.add(path)
 
     def finish(self, kind: str | None = None) -> dict:
-        """Build the FAISS index over every committed row and write ``index.json``; returns it."""
-        kind = kind or ("flat" if self.count < EXACT_LIMIT else "ivf")
-        _write_faiss(self.out, self.count, self.d, kind)
-        m = self.manifest
-        meta = {"format": "clipmatch.index", "format_version": FORMAT_VERSION, "model_identity": m.model_identity,
-                "tokenizer_identity": m.tokenizer_identity, "embed_dim": self.d, "num_image_tokens": self.p,
-                "count": self.count, "faiss": kind, "vision_experts": bool(self.k)}
-        if self.k:
-            meta["num_experts"] = self.k
-        _write_meta(self.out, meta)
-        return meta
-
-
-def upgrade_hint(root: str | Path, meta: dict) -> str:
-    return (f"index {root} is format {meta.get('format_version', 1)}, without the entity heads' image part; add it "
-            f"in place with `clipmatch index --upgrade {root} --export EXPORT_DIR` (from the stored tokens alone; "
-            "no image is read again)")
+        """Build the FAISS index over every committed row and write ``index.json``; returns it.
+        Releases the lock."""
+        try:
+            kind = kind or ("flat" if self.count < EXACT_LIMIT else "ivf")
+            write_faiss(self.out, self.count, self.d, kind)
+            meta = self._meta(self.count, kind)
+            write_meta(self.out, meta)
+            return meta
+        finally:
+            self.close()
 
 
 def index_encoding(matcher, encoding: ImageEncoding) -> ImageEncoding:
@@ -321,7 +315,7 @@ def needs_upgrade(root: str | Path, manifest) -> bool:
     meta_path = Path(root) / _META
     if ENTITY_IMAGE.name not in manifest.components or not meta_path.is_file():
         return False
-    return not json.loads(meta_path.read_text()).get("vision_experts")
+    return not read_meta(Path(root)).get("vision_experts")
 
 
 def upgrade_index(matcher, root: str | Path, *, chunk: int = 4096, progress: bool = True) -> int:
@@ -331,9 +325,17 @@ def upgrade_index(matcher, root: str | Path, *, chunk: int = 4096, progress: boo
     root = Path(root)
     if not needs_upgrade(root, matcher.manifest):
         return 0
-    meta = json.loads((root / _META).read_text())
+    lock = IndexLock(root)
+    try:
+        return _upgrade(matcher, root, chunk, progress) if needs_upgrade(root, matcher.manifest) else 0
+    finally:
+        lock.release()
+
+
+def _upgrade(matcher, root: Path, chunk: int, progress: bool) -> int:
+    meta = read_meta(root)
     check_model(meta, matcher.manifest.model_identity, root)
-    n = len(_complete_lines(root / _LOG))
+    n = len(complete_lines(root / _LOG))
     p, d = meta["num_image_tokens"], meta["embed_dim"]
     tokens = np.memmap(root / _TOK, np.float16, "r", shape=(n, p, d)) if n else np.zeros((0, p, d), np.float16)
     tmp = root / (_EXP + ".tmp")
@@ -342,29 +344,35 @@ def upgrade_index(matcher, root: str | Path, *, chunk: int = 4096, progress: boo
     for start in range(0, n, chunk):
         rows = np.asarray(tokens[start:start + chunk], np.float32)
         enc = matcher.with_vision_experts(ImageEncoding(rows[:, 0], rows))
-        _append(tmp, np.ascontiguousarray(enc.vision_experts, np.float32).tobytes())
+        append(tmp, np.ascontiguousarray(enc.vision_experts, np.float32).tobytes())
         bar.update(len(rows))
     bar.close()
     tmp.touch()
-    tmp.replace(root / _EXP)
+    replace_atomically(root / _EXP, lambda t: tmp.replace(t))
     meta.update(format_version=FORMAT_VERSION, vision_experts=True, num_experts=matcher.manifest.sizes["num_experts"])
-    _write_meta(root, meta)
+    write_meta(root, meta)
     return n
-
-
-def _write_meta(root: Path, meta: dict) -> None:
-    tmp = root / (_META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(root / _META)
 
 
 def build_index(matcher, images: Sequence[str | Path], out: str | Path, *, chunk: int = DEFAULT_CHUNK,
                 kind: str | None = None, progress: bool = True) -> dict:
     """Index (or add) ``images`` with ``matcher``'s image tower; returns a report (``upgraded``:
     rows of a format-1 index upgraded first)."""
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise InputError(f"chunk must be a positive int (images per committed chunk), got {chunk!r}")
     upgraded = upgrade_index(matcher, out, progress=progress) if Path(out).is_dir() else 0
-    writer = IndexWriter(out, matcher.manifest)
-    todo = [x for x in dict.fromkeys(str(i) for i in images) if x not in writer.done]
+    with IndexWriter(out, matcher.manifest) as writer:
+        return _build(matcher, writer, images, chunk, kind, progress, upgraded)
+
+
+def _build(matcher, writer: IndexWriter, images: Sequence[str | Path], chunk: int, kind: str | None,
+           progress: bool, upgraded: int) -> dict:
+    todo, seen = [], set()
+    for item in images:  # one file under two spellings is one image: the first spelling is kept
+        path, real = str(item), os.path.realpath(item)
+        if real not in seen and real not in writer.done_real:
+            todo.append(path)
+        seen.add(real)
     report = {"already": len(writer.done), "indexed": 0, "failed": [], "total": 0, "upgraded": upgraded}
     bar = Progress(len(todo), enabled=progress and bool(todo), desc="index", unit="images")
     for start in range(0, len(todo), chunk):
@@ -403,25 +411,6 @@ def build_index(matcher, images: Sequence[str | Path], out: str | Path, *, chunk
 
 def _joined(encodings: Sequence[ImageEncoding]) -> ImageEncoding:
     return ImageEncoding(np.concatenate([e.embeds for e in encodings]), np.concatenate([e.tokens for e in encodings]))
-
-
-def _write_faiss(out: Path, n: int, d: int, kind: str) -> None:
-    faiss = _faiss()
-    embeds = np.fromfile(out / _EMB, np.float32).reshape(n, d) if n else np.zeros((0, d), np.float32)
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = max(1, min(int(4 * math.sqrt(max(n, 1))), n // 39 or 1))  # FAISS wants >= 39 points per list
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(embeds)
-        index.nprobe = max(1, nlist // 8)
-    else:
-        raise InputError(f"index kind must be 'flat' or 'ivf', got {kind!r}")
-    if n:
-        index.add(embeds)
-    tmp = out / (_FAISS + ".tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(out / _FAISS)
 
 
 def list_images(items: Iterable[str | Path]) -> list[str]:

@@ -120,6 +120,8 @@ class Searcher:
         elif self.explainer is not None:
             explanation = self.explainer.explain(query)
         times["explanation"] = (time.perf_counter() - t) * 1e3
+        if explanation is not None and explanation.note:
+            notes.append(explanation.note)
         if explanation is not None and not explanation.ok:
             notes.append(f"no explanation: {explanation.error}; searched without one")
         text = explanation.text if explanation is not None and explanation.ok else None

@@ -239,5 +239,9 @@ def test_local_causal_lm_explainer_runs_a_tiny_random_model(tmp_path):
     raw = TransformersExplainer(folder, max_new_tokens=5, clean=False).explain("the Orrin pump")
     assert raw.ok and len(raw.text.split()) >= 1 and raw.source != out.source
     assert e.explain("the Orrin pump") == out  # greedy: the same every time
+    # New weights under the same file names are another explainer: the cache must not serve old answers.
+    torch.manual_seed(1)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    assert TransformersExplainer(folder, max_new_tokens=5).identity != e.identity
     with pytest.raises(ExplainerError, match="no causal LM"):
         TransformersExplainer(tmp_path)

@@ -262,3 +262,16 @@ def test_shortlist_rows_are_read_as_stored(local, tiny_index):
     np.testing.assert_array_equal(rows.vision_experts, np.asarray(tiny_index.vision_experts[ids]))
     with pytest.raises(InputError, match=r"rows \[999\] are outside the index"):
         tiny_index.rows(np.array([1, 999]))
+
+
+def test_the_heatmap_shows_the_crop_the_model_saw(local, tiny_index, tmp_path):
+    from clipmatch.retrieval.heatmap import render_heatmap
+
+    # A 3:1 image: red sides, a blue centre square. The tower sees the centre crop, so must the picture.
+    wide = np.zeros((60, 180, 3), np.uint8)
+    wide[:, :, 0] = 220
+    wide[:, 60:120] = (20, 40, 220)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    out = render_heatmap(local, str(tmp_path / "wide.png"), tiny_index.tokens[0], "a red circle", tmp_path / "h.png")
+    base = np.asarray(Image.open(out).convert("RGB"))[:160, :160].astype(float)
+    assert base[..., 2].mean() > 150 and base[..., 0].mean() < 80, base.reshape(-1, 3).mean(0)

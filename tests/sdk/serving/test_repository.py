@@ -133,3 +133,18 @@ def test_cli_writes_a_repository(export_copy, tmp_path, capsys):
     cfg = parse(tmp_path / "r" / "text_tower" / "config.pbtxt")
     assert cfg.max_batch_size == 8 and list(cfg.dynamic_batching.preferred_batch_size) == [2, 4]
     assert "encode_texts" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", ["../../../etc/passwd", "/etc/passwd", "fp16/../../outside.onnx"])
+def test_a_crafted_manifest_cannot_copy_files_from_outside_the_export(export_copy, tmp_path, name):
+    import json
+
+    from clipmatch.errors import IncompatibleModelError
+
+    path = export_copy / "clipmatch_export.json"
+    manifest = json.loads(path.read_text())
+    manifest["components"]["dcsm"]["fp32"] = name
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(IncompatibleModelError, match="a file must be a plain path inside the export folder"):
+        write_repository(export_copy, tmp_path / "repo", RepositoryConfig(target="python"))
+    assert not (tmp_path / "repo" / "dcsm").exists()
