@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
@@ -18,12 +17,14 @@ from clipmatch.explain.explainers import (
     query_names,
 )
 
+from .loopback import LoopbackEndpoint
+
 KB = {"Kestrel-7 valve": "a blue circle with yellow stripes and a white dot",
       "Kestrel valve": "a red square with green dots",
       "Orrin pump": "a green star with purple checks and a black rim"}
 
 
-class ChatServer:
+class ChatServer(LoopbackEndpoint):
     """Speaks the chat-completions protocol; ``script`` says what each request gets, by query text."""
 
     def __init__(self):
@@ -63,13 +64,7 @@ class ChatServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(Handler)
 
 
 @pytest.fixture()

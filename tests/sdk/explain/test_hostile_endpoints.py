@@ -5,18 +5,19 @@ from __future__ import annotations
 import gzip
 import json
 import sqlite3
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 from clipmatch.explain.explainers import MAX_RESPONSE_BYTES, CachedExplainer, KnowledgeBaseExplainer, OpenAIExplainer
 
+from .loopback import LoopbackEndpoint
+
 LOOK = "The Orrin pump is a green star with purple checks."
 
 
-class Hostile:
+class Hostile(LoopbackEndpoint):
     """Each request's query picks a behaviour; ``calls`` counts requests per query."""
 
     def __init__(self):
@@ -73,14 +74,7 @@ class Hostile:
                 self.end_headers()
                 self.wfile.write(data)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._serve(Handler)
 
 
 @pytest.fixture()
