@@ -116,6 +116,8 @@ def probe_images(t: Tally, m, rng: random.Random, n: int, tmp: Path) -> None:
         else:
             w, h = rng.choice([(2, 1_000_000), (1_000_000, 2), (9000, 9000), (3, 3), (1, 50)])
             item = png(Image.new("1", (w, h)))
+            if rng.random() < 0.3:  # a palette PCX cut short
+                item = png(Image.new("P", (16, 16)), "PCX")[:-rng.randrange(1, 800)]
         t.run("images", lambda item=item: m.encode_images([item]),
               lambda r: np.isfinite(r.embeds).all())
     fifo = tmp / "fifo.png"
@@ -303,13 +305,14 @@ def probe_folders(t: Tally, m, tmp: Path, export: Path) -> None:
         os.symlink(victim, root / name)
         t.run("crafted folders", lambda root=root: build_index(m, [str(tmp / "g" / "000.png")], root, progress=False),
               lambda _: victim.read_bytes() == b"precious")
-    from clipmatch.retrieval.heatmap import render_heatmap
-
-    for path in ("/dev/zero", "/etc/hostname", str(tmp / "fifo.png")):
-        tokens = np.zeros((m.manifest.sizes["num_image_tokens"], m.manifest.sizes["embed_dim"]), np.float32)
-        tokens[:, 0] = 1
-        t.run("crafted folders", lambda path=path, tokens=tokens: render_heatmap(m, path, tokens, "a red circle",
-                                                                                 tmp / "h.png"))
+    # An images.jsonl edited to name other files: the index must not open them (the heatmap's path).
+    build_index(m, [str(tmp / "g" / "000.png")], tmp / "named", progress=False)
+    for path in ("/dev/zero", "/etc/hostname", str(tmp / "fifo.png"), str(tmp / "g" / "001.png")):
+        log = tmp / "named" / "images.jsonl"
+        entry = json.loads(log.read_text())
+        entry["path"] = path
+        log.write_text(json.dumps(entry) + "\n")
+        t.run("crafted folders", lambda: GalleryIndex.open(tmp / "named").image_path(0), lambda _: False)
 
 
 def main() -> int:

@@ -55,6 +55,13 @@ def cmd_index(args) -> int:
     from clipmatch.backends.local import Local
     from clipmatch.retrieval.index import build_index, list_images, upgrade_index
 
+    if args.verify is not None:
+        from clipmatch.retrieval.index_files import verify_index
+
+        report = verify_index(args.verify)
+        print(f"{args.verify}: {report['checked']} of {report['rows']} rows checked against their CRC, "
+              f"{len(report['bad'])} damaged" + (f": rows {report['bad'][:20]}" if report["bad"] else ""))
+        return 1 if report["bad"] else 0
     if args.upgrade is not None:
         rows = upgrade_index(Local(args.export), args.upgrade)
         print(f"{args.upgrade}: " + (f"{rows} images upgraded to the current index format" if rows
@@ -105,7 +112,7 @@ def cmd_search(args) -> int:
         if not 1 <= args.heatmap_rank <= len(result.hits):
             raise SystemExit(f"clipmatch: error: --heatmap-rank must be within 1..{len(result.hits)}")
         hit = result.hits[args.heatmap_rank - 1]
-        render_heatmap(matcher, hit.path, index.tokens[hit.id], result.query, args.heatmap)
+        render_heatmap(matcher, index.image_path(hit.id), index.tokens[hit.id], result.query, args.heatmap)
         print(f"heatmap of hit {hit.rank} ({hit.path}) written to {args.heatmap}", file=sys.stderr)
     if args.json:
         print(json.dumps({"query": result.query, "hits": [asdict(h) for h in result.hits],
@@ -268,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("index", help="encode a gallery into a searchable index (resumable; adds to an existing one)")
     s.add_argument("images", nargs="*", help="image files or folders")
     s.add_argument("--out", type=Path, default=None, help="the index folder")
+    s.add_argument("--verify", type=Path, default=None, metavar="INDEX",
+                   help="check every row against the checksum it was committed with, and stop (exit 1: damage)")
     s.add_argument("--upgrade", type=Path, default=None, metavar="INDEX",
                    help="bring an index of an older format up to date, in place, and stop")
     s.add_argument("--export", type=Path, default=Path(os.environ.get("CLIPMATCH_EXPORT", "exports/default")),

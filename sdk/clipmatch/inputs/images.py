@@ -125,6 +125,8 @@ def _decode(data: bytes, source: str, index: int) -> Image.Image:
             # load() decodes every pixel: Image.open only reads the header, and
             # a file cut short would otherwise pass unnoticed.
             opened.load()
+            if opened.format == "PCX":
+                _check_pcx(data, source, index)
             image = ImageOps.exif_transpose(opened)
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{source}: refusing a possible decompression bomb: {exc}", index=index) from exc
@@ -140,6 +142,15 @@ def _decode(data: bytes, source: str, index: int) -> Image.Image:
     except Exception as exc:  # PIL's plugins raise what they like (an odd DDS: NotImplementedError)
         raise ImageError(f"{source} could not be decoded ({type(exc).__name__}: {exc})", index=index) from exc
     return image
+
+
+def _check_pcx(data: bytes, source: str, index: int) -> None:
+    """A version-5, 8-bit, one-plane PCX ends with its 256-colour palette (0x0C, then 768 bytes).
+    Cut short, PIL decodes it without a word as grey, from the wrong bytes: refuse it instead."""
+    if len(data) > 65 and data[1] == 5 and data[3] == 8 and data[65] == 1:
+        if len(data) < 128 + 769 or data[-769] != 12:
+            raise ImageError(f"{source} is a truncated PCX ({len(data)} bytes): the 256-colour palette it must "
+                             "end with is missing", index=index)
 
 
 def _array_to_image(array: np.ndarray, index: int) -> Image.Image:

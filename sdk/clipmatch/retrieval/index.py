@@ -57,10 +57,13 @@ from clipmatch.retrieval.index_files import (
     complete_lines,
     damaged,
     faiss_module,
+    fingerprint,
+    read_fingerprints,
     read_log,
     read_meta,
     read_rows,
     replace_atomically,
+    row_crcs,
     truncate,
     upgrade_hint,
     write_faiss,
@@ -123,6 +126,21 @@ class GalleryIndex:
         if index.ntotal != n or index.d != d:
             raise damaged(root, f"{_FAISS} holds {index.ntotal} rows of {index.d} dims, not {n} of {d}")
         return cls(root, meta, paths, embeds, tokens, index, experts)
+
+    def image_path(self, row: int) -> str:
+        """Row ``row``'s image file, checked to be the file that was indexed (its fingerprint), so
+        that an ``images.jsonl`` edited to name another file (a private image, a device) is refused
+        rather than read. Rows written from encodings made elsewhere carry no fingerprint and are
+        refused too."""
+        path = self.paths[row]
+        expected = read_fingerprints(self.root)[row] if 0 <= row < len(self.paths) else None
+        if expected is None:
+            raise ImageError(f"row {row} of index {self.root} carries no fingerprint of its file (indexed from "
+                             "encodings made elsewhere, or by an older clipmatch): not opened", index=row)
+        if fingerprint(path) != expected:
+            raise ImageError(f"{path} is not the file index {self.root} indexed as row {row} (changed or "
+                             "replaced since, or the index names another file): not opened", index=row)
+        return path
 
     def rows(self, ids: np.ndarray) -> ImageEncoding:
         """The encodings of rows ``ids`` (tokens as float32), read in one batched, parallel call.
@@ -259,13 +277,14 @@ class IndexWriter:
             raise ShapeError(f"{n} paths need vision_experts ({n}, {self.k}, {self.d}) for this model's entity heads, "
                              f"got {None if experts is None else experts.shape}: make the encodings with "
                              "gallery_index.index_encoding(matcher, encoding)")
-        log = "".join(json.dumps({"id": self.count + i, "path": path}) + "\n"
-                      for i, path in enumerate(paths)).encode("utf-8")
+        blocks = [np.ascontiguousarray(encoding.embeds, np.float32).tobytes(),
+                  np.ascontiguousarray(encoding.tokens, np.float16).tobytes()]
+        blocks += [np.ascontiguousarray(experts, np.float32).tobytes()] if self.k else []
+        log = "".join(json.dumps({"id": self.count + i, "path": path, "fingerprint": fingerprint(path), "crc": crc})
+                      + "\n" for i, (path, crc) in enumerate(zip(paths, row_crcs(blocks, n)))).encode("utf-8")
         try:
-            append(self.out / _EMB, np.ascontiguousarray(encoding.embeds, np.float32).tobytes())
-            append(self.out / _TOK, np.ascontiguousarray(encoding.tokens, np.float16).tobytes())
-            if self.k:
-                append(self.out / _EXP, np.ascontiguousarray(experts, np.float32).tobytes())
+            for name, block in zip((_EMB, _TOK, _EXP), blocks):
+                append(self.out / name, block)
             # The commit: these images count as indexed once their lines are complete.
             append(self.out / _LOG, log)
         except BaseException:

@@ -10,9 +10,12 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import os
+import stat
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,6 +84,27 @@ def complete_lines(path: Path) -> list[str]:
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
     return [line for line in data[:end].decode("utf-8", "replace").splitlines() if line.strip()]
+
+
+def fingerprint(path: str) -> str | None:
+    """A file's size and the hash of its first 64 KiB: what the index remembers of an image file, so
+    that a reader (the heatmap) opens only the file that was indexed, not whatever a crafted or
+    stale ``images.jsonl`` names. None for a path that is not a regular file here (encodings
+    made elsewhere)."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+    except OSError:
+        return None
+    return f"{info.st_size}:{hashlib.blake2b(head, digest_size=16).hexdigest()}"
+
+
+def read_fingerprints(root: Path) -> list[str | None]:
+    """Each row's fingerprint (None where it has none), in row order; ``read_log`` checked the lines."""
+    return [json.loads(line).get("fingerprint") for line in complete_lines(root / LOG)]
 
 
 def read_log(root: Path) -> list[str]:
@@ -227,3 +251,44 @@ def write_faiss(out: Path, n: int, d: int, kind: str) -> None:
     if n:
         index.add(embeds)
     replace_atomically(out / FAISS, lambda tmp: faiss.write_index(index, str(tmp)))
+
+
+def row_crcs(blocks: list[bytes], n: int) -> list[str]:
+    """One CRC-32 per row over its bytes in every array (``blocks``: each array's n rows, in order).
+    Kept in the row's log line, the commit itself, so a row and its checksum land together."""
+    sizes = [len(b) // n if n else 0 for b in blocks]
+    out = []
+    for i in range(n):
+        crc = 0
+        for b, size in zip(blocks, sizes):
+            crc = zlib.crc32(memoryview(b)[i * size:(i + 1) * size], crc)
+        out.append(f"{crc:08x}")
+    return out
+
+
+def verify_index(root: Path, *, chunk: int = 1024) -> dict:
+    """Every row's arrays against the CRC its log line carries: ``{"rows", "checked", "bad"}``.
+    A search never pays for this (it would read each row twice); run it when a disk is in doubt
+    (``clipmatch index --verify INDEX``)."""
+    meta = read_meta(root)
+    paths = read_log(root)
+    n, d, p = len(paths), meta["embed_dim"], meta["num_image_tokens"]
+    k = meta.get("num_experts") if meta.get("vision_experts") else None
+    arrays = [(EMB, d * 4), (TOK, p * d * 2)] + ([(EXP, k * d * 4)] if k else [])
+    for name, row in arrays:
+        check_rows(root, name, n, row)
+    crcs = [json.loads(line).get("crc") for line in complete_lines(root / LOG)]
+    bad, checked = [], 0
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        blocks = []
+        for name, row in arrays:
+            with open(root / name, "rb") as fh:
+                fh.seek(start * row)
+                blocks.append(fh.read((stop - start) * row))
+        for i, crc in enumerate(row_crcs(blocks, stop - start), start):
+            if crcs[i] is not None:
+                checked += 1
+                if crcs[i] != crc:
+                    bad.append(i)
+    return {"rows": n, "checked": checked, "bad": bad}

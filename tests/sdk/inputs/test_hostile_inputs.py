@@ -97,3 +97,16 @@ def test_a_command_line_argument_that_is_not_utf8_is_a_clear_error(tiny_export_d
                           b"a \xff circle"], capture_output=True, timeout=120)
     assert out.returncode == 2, out.stderr
     assert b"not valid Unicode" in out.stderr and b"Traceback" not in out.stderr
+
+
+def test_a_truncated_palette_pcx_is_refused_not_decoded_as_grey():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (16, 16), dtype=np.uint8)).convert("P", palette=Image.ADAPTIVE)
+    buf = io.BytesIO()
+    image.save(buf, format="PCX")
+    data = buf.getvalue()
+    whole = load_image(data, 0)
+    assert whole.size == (16, 16)
+    for cut in (1, 100, 768):
+        with pytest.raises(ImageError, match="item 4: image data is a truncated PCX"):
+            load_image(data[:-cut], 4)

@@ -182,3 +182,50 @@ def test_a_lock_is_refused_by_name_and_dies_with_its_holder(local, tmp_path):
     holder.kill()
     holder.wait()
     IndexWriter(tmp_path / "idx", local.manifest).close()  # a killed holder leaves no stale lock
+
+
+def test_an_index_opens_only_the_image_files_it_indexed(local, tiny_export_dir, tmp_path):
+    paths = write_images(tmp_path / "g", 3)
+    build_index(local, paths, tmp_path / "idx", progress=False)
+    idx = GalleryIndex.open(tmp_path / "idx")
+    assert idx.image_path(1) == paths[1]
+    private = tmp_path / "private.png"
+    private.write_bytes((tmp_path / "g" / "00000.png").read_bytes()[:-1] + b"\x00")  # another file
+    log = tmp_path / "idx" / "images.jsonl"
+    lines = [json.loads(x) for x in log.read_text().splitlines()]
+    lines[1]["path"] = str(private)  # a crafted images.jsonl: valid JSON, valid ids, another file
+    log.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    from clipmatch.errors import ImageError
+
+    with pytest.raises(ImageError, match="is not the file index .* indexed as row 1"):
+        GalleryIndex.open(tmp_path / "idx").image_path(1)
+    with open(paths[2], "ab") as f:  # the file itself changed since
+        f.write(b"more")
+    with pytest.raises(ImageError, match="is not the file"):
+        GalleryIndex.open(tmp_path / "idx").image_path(2)
+    # Through the command: a clear error, no traceback, nothing read.
+    out = subprocess.run([sys.executable, "-m", "clipmatch.cli", "search", str(tmp_path / "idx"), "a red circle",
+                          "--export", str(tiny_export_dir), "--top-k", "3", "--heatmap", str(tmp_path / "h.png"),
+                          "--heatmap-rank", "1"], capture_output=True, text=True, timeout=120)
+    hit = [ln for ln in out.stdout.splitlines() if ln.startswith("| 1 ")]
+    if out.returncode == 0:  # the top hit was row 0, which is untouched
+        assert hit and paths[0] in hit[0]
+    else:
+        assert out.returncode == 2 and "not opened" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_verify_finds_a_flipped_byte_by_its_row(local, tiny_export_dir, tmp_path):
+    from clipmatch.retrieval.index_files import verify_index
+
+    paths = write_images(tmp_path / "g", 5)
+    build_index(local, paths, tmp_path / "idx", chunk=2, progress=False)
+    assert verify_index(tmp_path / "idx") == {"rows": 5, "checked": 5, "bad": []}
+    row = local.manifest.sizes["num_image_tokens"] * local.manifest.sizes["embed_dim"] * 2
+    tokens = tmp_path / "idx" / "tokens.f16"
+    data = bytearray(tokens.read_bytes())
+    data[3 * row + 17] ^= 0x40  # one bit of row 3's tokens
+    tokens.write_bytes(bytes(data))
+    assert verify_index(tmp_path / "idx")["bad"] == [3]
+    out = subprocess.run([sys.executable, "-m", "clipmatch.cli", "index", "--verify", str(tmp_path / "idx")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "5 of 5 rows checked against their CRC, 1 damaged: rows [3]" in out.stdout
