@@ -6,6 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,3 +86,18 @@ def default_export_dir(tmp_path_factory) -> Path:
     from clipmatch_export.exporter import export_model
 
     return export_model(REPO / "models" / "default", tmp_path_factory.mktemp("default") / "export").out_dir
+
+
+def write_images(folder: Path, n: int, start: int = 0, side: int = 24) -> list[str]:
+    """``n`` random RGB PNGs in ``folder`` (seeded by ``start``): a gallery on real files."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(start)
+    paths = []
+    for i in range(start, start + n):
+        p = folder / f"{i:05d}.png"
+        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(p)
+        paths.append(str(p))
+    return paths
+

@@ -18,6 +18,8 @@ from clipmatch.errors import ClipmatchError  # noqa: E402
 from clipmatch.inputs.images import load_image  # noqa: E402
 from clipmatch.results import ImageEncoding, TextEncoding  # noqa: E402
 
+from .conftest import write_images  # noqa: E402
+
 BOUNDED = settings(max_examples=120, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -86,12 +88,7 @@ def small_index(local, tmp_path_factory):
     from clipmatch.retrieval.index import build_index
 
     root = tmp_path_factory.mktemp("prop")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(6):
-        path = root / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
+    paths = write_images(root, 6, side=16)
     build_index(local, paths, root / "idx", progress=False)
     return root / "idx", paths
 

@@ -52,17 +52,17 @@ from clipmatch.retrieval.index_files import (
     TOK,
     IndexLock,
     append,
+    arrays,
     check_model,
     check_rows,
+    committed_bytes,
     complete_lines,
     damaged,
     faiss_module,
     fingerprint,
-    read_fingerprints,
     read_log,
     read_meta,
     read_rows,
-    replace_atomically,
     row_crcs,
     truncate,
     upgrade_hint,
@@ -92,6 +92,7 @@ class GalleryIndex:
     tokens: np.ndarray  # (N, P, D) float16, memory-mapped
     faiss_index: object
     vision_experts: np.ndarray | None = None  # (N, K, D) float32, memory-mapped; None: format 1 or no heads
+    fingerprints: list[str | None] | None = None  # each row's file, as indexed (see ``image_path``)
 
     @classmethod
     def open(cls, root: str | Path, model_identity: str | None = None) -> GalleryIndex:
@@ -102,7 +103,8 @@ class GalleryIndex:
         meta = read_meta(root)
         if model_identity is not None:
             check_model(meta, model_identity, root)
-        paths = read_log(root)
+        entries = read_log(root)
+        paths = [e["path"] for e in entries]
         n, d, p = len(paths), meta["embed_dim"], meta["num_image_tokens"]
         if meta.get("faiss") is None or meta.get("count") != n or not (root / _FAISS).is_file():
             # A run stopped before its end: rows committed but not yet in FAISS would be
@@ -112,7 +114,7 @@ class GalleryIndex:
                 f"{meta.get('count') if meta.get('faiss') else 0} (a `clipmatch index` run stopped before its end); run "
                 f"`clipmatch index --out {root} --export EXPORT_DIR` again to finish it")
         k = meta.get("num_experts") if meta.get("vision_experts") else None
-        for name, row in ((_EMB, d * 4), (_TOK, p * d * 2)) + (((_EXP, k * d * 4),) if k else ()):
+        for name, row in arrays(d, p, k):
             check_rows(root, name, n, row)
         embeds = np.memmap(root / _EMB, np.float32, "r", shape=(n, d)) if n else np.zeros((0, d), np.float32)
         tokens = np.memmap(root / _TOK, np.float16, "r", shape=(n, p, d)) if n else np.zeros((0, p, d), np.float16)
@@ -125,7 +127,7 @@ class GalleryIndex:
             raise damaged(root, f"{_FAISS} cannot be read ({str(exc).splitlines()[0][:200]})") from None
         if index.ntotal != n or index.d != d:
             raise damaged(root, f"{_FAISS} holds {index.ntotal} rows of {index.d} dims, not {n} of {d}")
-        return cls(root, meta, paths, embeds, tokens, index, experts)
+        return cls(root, meta, paths, embeds, tokens, index, experts, [e.get("fingerprint") for e in entries])
 
     def image_path(self, row: int) -> str:
         """Row ``row``'s image file, checked to be the file that was indexed (its fingerprint), so
@@ -133,7 +135,7 @@ class GalleryIndex:
         rather than read. Rows written from encodings made elsewhere carry no fingerprint and are
         refused too."""
         path = self.paths[row]
-        expected = read_fingerprints(self.root)[row] if 0 <= row < len(self.paths) else None
+        expected = self.fingerprints[row] if self.fingerprints and 0 <= row < len(self.paths) else None
         if expected is None:
             raise ImageError(f"row {row} of index {self.root} carries no fingerprint of its file (indexed from "
                              "encodings made elsewhere, or by an older clipmatch): not opened", index=row)
@@ -217,8 +219,8 @@ class IndexWriter:
             # The identity goes first, before any row: a resumed or added-to run with another
             # model is refused even when the first run was killed long before its end.
             write_meta(self.out, self._meta(count=0, kind=None))
-        paths = read_log(self.out)  # every line checked: a lost or edited line shifts nothing
-        self.log_size = sum(len(line.encode("utf-8")) + 1 for line in complete_lines(self.out / _LOG))
+        paths = [e["path"] for e in read_log(self.out)]  # every line checked: a lost or edited line shifts nothing
+        self.log_size = committed_bytes(self.out / _LOG)
         self.done = set(paths)
         self.done_real = {os.path.realpath(x) for x in paths}  # one file under two spellings is one image
         self.count = len(paths)
@@ -248,8 +250,7 @@ class IndexWriter:
 
     def _arrays(self) -> list[tuple[str, int]]:
         """(file, bytes per row) of every array this index keeps."""
-        arrays = [(_EMB, self.d * 4), (_TOK, self.p * self.d * 2)]
-        return arrays + ([(_EXP, self.k * self.d * 4)] if self.k else [])
+        return arrays(self.d, self.p, self.k)
 
     def append(self, paths: Sequence[str], encoding: ImageEncoding) -> None:
         """Commit ``paths`` with their encodings (rows in the same order), vision experts included
@@ -283,7 +284,7 @@ class IndexWriter:
         log = "".join(json.dumps({"id": self.count + i, "path": path, "fingerprint": fingerprint(path), "crc": crc})
                       + "\n" for i, (path, crc) in enumerate(zip(paths, row_crcs(blocks, n)))).encode("utf-8")
         try:
-            for name, block in zip((_EMB, _TOK, _EXP), blocks):
+            for (name, _), block in zip(self._arrays(), blocks):
                 append(self.out / name, block)
             # The commit: these images count as indexed once their lines are complete.
             append(self.out / _LOG, log)
@@ -366,8 +367,8 @@ def _upgrade(matcher, root: Path, chunk: int, progress: bool) -> int:
         append(tmp, np.ascontiguousarray(enc.vision_experts, np.float32).tobytes())
         bar.update(len(rows))
     bar.close()
-    tmp.touch()
-    replace_atomically(root / _EXP, lambda t: tmp.replace(t))
+    tmp.touch()  # an index of no rows has an empty file
+    tmp.replace(root / _EXP)  # written beside, renamed into place: a killed upgrade leaves the index as it was
     meta.update(format_version=FORMAT_VERSION, vision_experts=True, num_experts=matcher.manifest.sizes["num_experts"])
     write_meta(root, meta)
     return n

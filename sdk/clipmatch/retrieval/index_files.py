@@ -86,6 +86,18 @@ def complete_lines(path: Path) -> list[str]:
     return [line for line in data[:end].decode("utf-8", "replace").splitlines() if line.strip()]
 
 
+def committed_bytes(path: Path) -> int:
+    """Where the log's complete lines end: what a writer cuts a torn tail back to."""
+    if not path.exists():
+        return 0
+    return path.read_bytes().rfind(b"\n") + 1
+
+
+def arrays(d: int, p: int, k: int | None) -> list[tuple[str, int]]:
+    """(file, bytes per row) of every array an index of these sizes keeps, in write order."""
+    return [(EMB, d * 4), (TOK, p * d * 2)] + ([(EXP, k * d * 4)] if k else [])
+
+
 def fingerprint(path: str) -> str | None:
     """A file's size and the hash of its first 64 KiB: what the index remembers of an image file, so
     that a reader (the heatmap) opens only the file that was indexed, not whatever a crafted or
@@ -102,14 +114,10 @@ def fingerprint(path: str) -> str | None:
     return f"{info.st_size}:{hashlib.blake2b(head, digest_size=16).hexdigest()}"
 
 
-def read_fingerprints(root: Path) -> list[str | None]:
-    """Each row's fingerprint (None where it has none), in row order; ``read_log`` checked the lines."""
-    return [json.loads(line).get("fingerprint") for line in complete_lines(root / LOG)]
-
-
-def read_log(root: Path) -> list[str]:
-    """The committed paths, in row order, each line checked: its id is its row."""
-    paths = []
+def read_log(root: Path) -> list[dict]:
+    """The committed entries (``path``, and ``fingerprint`` and ``crc`` where written), in row
+    order, each line checked: its id is its row."""
+    entries = []
     for row, line in enumerate(complete_lines(root / LOG)):
         try:
             entry = json.loads(line)
@@ -118,8 +126,8 @@ def read_log(root: Path) -> list[str]:
             ok = False
         if not ok:
             raise damaged(root, f"{LOG}:{row + 1} is not row {row}'s entry ({line[:80]!r})")
-        paths.append(entry["path"])
-    return paths
+        entries.append(entry)
+    return entries
 
 
 def check_rows(root: Path, name: str, rows: int, row_bytes: int) -> None:
@@ -271,24 +279,24 @@ def verify_index(root: Path, *, chunk: int = 1024) -> dict:
     A search never pays for this (it would read each row twice); run it when a disk is in doubt
     (``clipmatch index --verify INDEX``)."""
     meta = read_meta(root)
-    paths = read_log(root)
-    n, d, p = len(paths), meta["embed_dim"], meta["num_image_tokens"]
-    k = meta.get("num_experts") if meta.get("vision_experts") else None
-    arrays = [(EMB, d * 4), (TOK, p * d * 2)] + ([(EXP, k * d * 4)] if k else [])
-    for name, row in arrays:
+    crcs = [entry.get("crc") for entry in read_log(root)]
+    n = len(crcs)
+    files = arrays(meta["embed_dim"], meta["num_image_tokens"],
+                   meta.get("num_experts") if meta.get("vision_experts") else None)
+    for name, row in files:
         check_rows(root, name, n, row)
-    crcs = [json.loads(line).get("crc") for line in complete_lines(root / LOG)]
     bad, checked = [], 0
-    for start in range(0, n, chunk):
-        stop = min(n, start + chunk)
-        blocks = []
-        for name, row in arrays:
-            with open(root / name, "rb") as fh:
-                fh.seek(start * row)
-                blocks.append(fh.read((stop - start) * row))
-        for i, crc in enumerate(row_crcs(blocks, stop - start), start):
-            if crcs[i] is not None:
-                checked += 1
-                if crcs[i] != crc:
-                    bad.append(i)
+    handles = [open(root / name, "rb") for name, _ in files]  # read in order: one pass over each file
+    try:
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            blocks = [fh.read((stop - start) * row) for fh, (_, row) in zip(handles, files)]
+            for i, crc in enumerate(row_crcs(blocks, stop - start), start):
+                if crcs[i] is not None:
+                    checked += 1
+                    if crcs[i] != crc:
+                        bad.append(i)
+    finally:
+        for fh in handles:
+            fh.close()
     return {"rows": n, "checked": checked, "bad": bad}

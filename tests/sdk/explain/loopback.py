@@ -17,3 +17,14 @@ class LoopbackEndpoint:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def send(handler, status: int, data: bytes, headers: dict[str, str] | None = None) -> None:
+    """One JSON response with its length, from inside a handler's do_POST."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        handler.send_header(k, v)
+    handler.send_header("Content-Length", str(len(data)))
+    handler.end_headers()
+    handler.wfile.write(data)

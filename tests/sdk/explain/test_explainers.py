@@ -17,7 +17,7 @@ from clipmatch.explain.explainers import (
     query_names,
 )
 
-from .loopback import LoopbackEndpoint
+from .loopback import LoopbackEndpoint, send
 
 KB = {"Kestrel-7 valve": "a blue circle with yellow stripes and a white dot",
       "Kestrel valve": "a red square with green dots",
@@ -49,20 +49,13 @@ class ChatServer(LoopbackEndpoint):
                     time.sleep(1.0)
                     what = "ok"
                 if what in ("429", "500"):
-                    return self._send(int(what), b'{"error": "busy"}')
+                    return send(self, int(what), b'{"error": "busy"}')
                 if what == "malformed":
-                    return self._send(200, b'{"choices": [{"mess')
+                    return send(self, 200, b'{"choices": [{"mess')
                 content = {"empty": "", "name only": query}.get(
                     what, f"The {query} is a green star with purple checks. It is made of brass.")
-                self._send(200, json.dumps({"choices": [{"message": {"role": "assistant",
+                send(self, 200, json.dumps({"choices": [{"message": {"role": "assistant",
                                                                      "content": content}}]}).encode())
-
-            def _send(self, status, data):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
 
         self._serve(Handler)
 

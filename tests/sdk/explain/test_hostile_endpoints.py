@@ -12,7 +12,7 @@ import pytest
 
 from clipmatch.explain.explainers import MAX_RESPONSE_BYTES, CachedExplainer, KnowledgeBaseExplainer, OpenAIExplainer
 
-from .loopback import LoopbackEndpoint
+from .loopback import LoopbackEndpoint, send
 
 LOOK = "The Orrin pump is a green star with purple checks."
 
@@ -49,9 +49,9 @@ class Hostile(LoopbackEndpoint):
                     time.sleep(5)
                     return self._json({"choices": [{"message": {"content": LOOK}}]})
                 if query == "flood":
-                    return self._raw(200, b" " * (MAX_RESPONSE_BYTES + 10))
+                    return send(self, 200, b" " * (MAX_RESPONSE_BYTES + 10))
                 if query == "gzip bomb":  # 4 MB of zeros from a few KB
-                    return self._raw(200, gzip.compress(b"0" * (4 * 2**20)), {"Content-Encoding": "gzip"})
+                    return send(self, 200, gzip.compress(b"0" * (4 * 2**20)), {"Content-Encoding": "gzip"})
                 content = {"parts": [{"type": "text", "text": "The Orrin pump is"},
                                      {"type": "text", "text": "a green star with purple checks."}],
                            "number": 42, "dict": {"text": LOOK},
@@ -59,20 +59,11 @@ class Hostile(LoopbackEndpoint):
                            "echo": f"The Orrin pump is a green star with purple checks {key}",
                            "long": LOOK + " It is old." * 30_000}.get(query, LOOK)
                 if query == "echo error":
-                    return self._raw(400, f"bad key {key}".encode())
+                    return send(self, 400, f"bad key {key}".encode())
                 return self._json({"choices": [{"message": {"content": content}}]})
 
             def _json(self, obj):
-                self._raw(200, json.dumps(obj).encode())
-
-            def _raw(self, status, data, headers=None):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                send(self, 200, json.dumps(obj).encode())
 
         self._serve(Handler)
 

@@ -10,7 +10,6 @@ import time
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("faiss")
 
@@ -18,16 +17,7 @@ from clipmatch.errors import IncompatibleModelError, InputError, ShapeError  # n
 from clipmatch.results import ImageEncoding  # noqa: E402
 from clipmatch.retrieval.index import GalleryIndex, IndexWriter, build_index, index_encoding  # noqa: E402
 
-
-def write_images(folder, n, start=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(start)
-    paths = []
-    for i in range(start, start + n):
-        p = folder / f"{i:05d}.png"
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
-    return paths
+from ...conftest import write_images  # noqa: E402
 
 
 def test_index_search_and_tokens_match_the_runtime(local, tmp_path):

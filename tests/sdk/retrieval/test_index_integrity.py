@@ -16,7 +16,7 @@ pytest.importorskip("faiss")
 from clipmatch.errors import IncompatibleModelError, IndexBusyError, InputError, StorageError  # noqa: E402
 from clipmatch.retrieval.index import GalleryIndex, IndexWriter, build_index  # noqa: E402
 
-from .test_index import write_images  # noqa: E402
+from ...conftest import write_images  # noqa: E402
 
 
 def test_two_index_runs_on_one_folder_one_is_refused_and_every_image_is_there_once(tiny_export_dir, tmp_path):

@@ -15,18 +15,13 @@ from clipmatch.explain.explainers import KnowledgeBaseExplainer, OpenAIExplainer
 from clipmatch.retrieval.index import GalleryIndex, build_index  # noqa: E402
 from clipmatch.retrieval.search import Searcher  # noqa: E402
 
-from ...conftest import REPO  # noqa: E402
+from ...conftest import REPO, write_images  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_index(local, tmp_path_factory):
     root = tmp_path_factory.mktemp("search")
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(40):
-        p = root / f"{i}.png"
-        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(p)
-        paths.append(str(p))
+    paths = write_images(root, 40)
     build_index(local, paths, root / "idx", progress=False)
     return GalleryIndex.open(root / "idx")
 
