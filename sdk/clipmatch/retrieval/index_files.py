@@ -27,8 +27,8 @@ META, LOG, EMB, TOK, EXP, FAILED, FAISS, LOCK = ("index.json", "images.jsonl", "
                                                  "experts.f32", "failed.jsonl", "faiss.index", ".lock")
 # A shortlist's rows are read by this many threads, each a share of them: on a cold page
 # cache each read waits on the disk. Measured for K = 100 ViT-B/32 rows (51 KB each): 4
-# threads with a share each 2.5 ms cold and 2.0 warm; one task per row 5-6 ms either way;
-# the memory map 510 ms cold (a page fault at a time) and 0.8 warm.
+# threads with a share each 2.3 ms cold and 1.9 warm; one task per row 6-7 ms either way;
+# the memory map 581 ms cold (a page fault at a time) and 0.8 warm.
 READ_THREADS = 4
 
 
